@@ -1,0 +1,76 @@
+"""The environment recorded with every result: a figure without its machine is not evidence."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+
+import torch
+
+
+def _run(cmd: list[str], cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(repo: str) -> dict:
+    commit = _run(["git", "rev-parse", "HEAD"], repo)
+    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
+    return {"commit": commit or "none (no commit yet or not a git checkout)",
+            "dirty": bool(status) if status is not None else None}
+
+
+def _version(mod: str) -> str | None:
+    try:
+        return __import__(mod).__version__
+    except Exception:
+        return None
+
+
+def gpu_info(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"gpu": None}
+    p = torch.cuda.get_device_properties(device)
+    driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader",
+                   f"--id={device.index or 0}"])
+    return {
+        "gpu": p.name,
+        "gpu_count": torch.cuda.device_count(),
+        "capability": f"{p.major}.{p.minor}",
+        "sm_count": p.multi_processor_count,
+        "memory_gb": round(p.total_memory / 2**30, 1),
+        "l2_mb": round(getattr(p, "L2_cache_size", 0) / 2**20, 1) or None,
+        "driver": driver.splitlines()[0] if driver else None,
+    }
+
+
+def collect(device: torch.device, repo: str, argv: list[str]) -> dict:
+    env = {
+        "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.report", *argv]),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "env_vars": {k: os.environ[k] for k in ("RESNET_FAST_BACKEND", "TRITON_INTERPRET",
+                                                  "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")
+                     if k in os.environ},
+    }
+    env.update(gpu_info(device))
+    env.update(git_state(repo))
+    return env

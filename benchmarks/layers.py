@@ -1,0 +1,123 @@
+"""The distinct convolutions of a torchvision ResNet: shape + epilogue, and how often each
+occurs. A conv's epilogue is what follows its BatchNorm in the block:
+
+    relu            stem conv1, a bottleneck's conv1/conv2, a basic block's conv1
+    residual+relu   the block's last conv (the identity or downsample output added, then ReLU)
+    none            the downsample conv (its output is the residual of the block's last conv)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+
+@dataclass
+class ConvLayer:
+    name: str                       # first occurrence, e.g. "layer2.0.conv2"
+    conv: torch.nn.Conv2d           # of that occurrence (the fp32 model's)
+    bn: torch.nn.BatchNorm2d
+    epilogue: str                   # "relu" | "residual+relu" | "none"
+    in_shape: tuple                 # (C, H, W) of the input, per image
+    out_shape: tuple                # (C, H, W) of the output, per image
+    names: list = field(default_factory=list)   # every occurrence
+
+    @property
+    def multiplicity(self) -> int:
+        return len(self.names)
+
+    @property
+    def residual(self) -> bool:
+        return self.epilogue == "residual+relu"
+
+    @property
+    def relu(self) -> bool:
+        return self.epilogue != "none"
+
+    def key(self) -> tuple:
+        c = self.conv
+        return (c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
+                c.groups, self.in_shape[1:], self.epilogue)
+
+    def flops(self, batch: int) -> float:
+        c = self.conv
+        co, ho, wo = self.out_shape
+        kh, kw = c.kernel_size
+        return 2.0 * batch * co * ho * wo * (c.in_channels // c.groups) * kh * kw
+
+    def bytes(self, batch: int, itemsize: int) -> float:
+        """Compulsory traffic of the fused op: input, weight, output (+ residual), fp32 bias."""
+        n_in = batch * self.in_shape[0] * self.in_shape[1] * self.in_shape[2]
+        n_out = batch * self.out_shape[0] * self.out_shape[1] * self.out_shape[2]
+        n_w = self.conv.weight.numel()
+        return itemsize * (n_in + n_w + n_out * (2 if self.residual else 1)) + 4 * self.out_shape[0]
+
+    def label(self) -> str:
+        c = self.conv
+        kh, kw = c.kernel_size
+        return (f"{c.in_channels}->{c.out_channels} {kh}x{kw}/s{c.stride[0]} "
+                f"{self.in_shape[1]}x{self.in_shape[2]}")
+
+    def describe(self, batch: int, itemsize: int) -> dict:
+        c = self.conv
+        return {"name": self.name, "names": list(self.names), "multiplicity": self.multiplicity,
+                "cin": c.in_channels, "cout": c.out_channels, "kernel": list(c.kernel_size),
+                "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation),
+                "groups": c.groups, "in_hw": list(self.in_shape[1:]), "out_hw": list(self.out_shape[1:]),
+                "epilogue": self.epilogue, "label": self.label(), "flops": self.flops(batch),
+                "bytes": self.bytes(batch, itemsize)}
+
+
+def conv_units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Conv2d, torch.nn.BatchNorm2d, str]]:
+    """(name, conv, bn, epilogue) for every conv of a torchvision ResNet, in forward order."""
+    units = [("conv1", model.conv1, model.bn1, "relu")]
+    for lname in ("layer1", "layer2", "layer3", "layer4"):
+        for i, blk in enumerate(getattr(model, lname)):
+            p = f"{lname}.{i}"
+            if isinstance(blk, Bottleneck):
+                units += [(f"{p}.conv1", blk.conv1, blk.bn1, "relu"),
+                          (f"{p}.conv2", blk.conv2, blk.bn2, "relu"),
+                          (f"{p}.conv3", blk.conv3, blk.bn3, "residual+relu")]
+            elif isinstance(blk, BasicBlock):
+                units += [(f"{p}.conv1", blk.conv1, blk.bn1, "relu"),
+                          (f"{p}.conv2", blk.conv2, blk.bn2, "residual+relu")]
+            else:
+                raise TypeError(f"{p} is a {type(blk).__name__}, not a torchvision BasicBlock/Bottleneck")
+            if blk.downsample is not None:
+                units.append((f"{p}.downsample.0", blk.downsample[0], blk.downsample[1], "none"))
+    return units
+
+
+@torch.no_grad()
+def conv_shapes(model: torch.nn.Module, resolution: int) -> dict[str, tuple[tuple, tuple]]:
+    """name -> ((C,H,W) in, (C,H,W) out) per conv, traced on the meta device."""
+    meta = copy.deepcopy(model).to("meta")
+    shapes, hooks = {}, []
+    for name, m in meta.named_modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: shapes.__setitem__(
+                    name, (tuple(inp[0].shape[1:]), tuple(out.shape[1:])))))
+    meta(torch.empty(1, 3, resolution, resolution, device="meta"))
+    for h in hooks:
+        h.remove()
+    return shapes
+
+
+def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
+    """The model's distinct convs (same shape and epilogue counted once), in forward order."""
+    shapes = conv_shapes(model, resolution)
+    seen: dict[tuple, ConvLayer] = {}
+    for name, conv, bn, epi in conv_units(model):
+        ins, outs = shapes[name]
+        layer = ConvLayer(name=name, conv=conv, bn=bn, epilogue=epi, in_shape=ins, out_shape=outs)
+        k = layer.key()
+        if k in seen:
+            seen[k].names.append(name)
+        else:
+            layer.names.append(name)
+            seen[k] = layer
+    return list(seen.values())

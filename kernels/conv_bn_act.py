@@ -1,0 +1,310 @@
+"""Fused convolution + folded BatchNorm (+ residual) (+ ReLU) as an implicit GEMM over NHWC.
+
+    y = [relu]( conv(pre(x), w) + bias [+ residual] ),   pre(x) = relu(x * pre_scale + pre_bias)
+
+The GEMM view, as in Triton's matmul tutorial but with the A operand gathered from the image:
+
+    M = N * Ho * Wo   one row per output pixel, in NHWC order, so a tile of y is a row-major
+                      [BLOCK_M, BLOCK_N] block of the output and stores coalesce along Cout
+    N = Cout          one column per output channel
+    K = kh * kw * Cin ordered (r, s, c): the weight, stored OHWI (torch.channels_last), is then
+                      a row-major [Cout, K] matrix and its tiles are plain strided loads
+
+Row m of A at K index (r, s, c) is x[n, ho*stride - pad + r*dil, wo*stride - pad + s*dil, c], or
+0 where that pixel lies in the padding. Two ways to walk K (a constexpr switch):
+
+* by taps: for each (r, s), for each block of Cin. The pixel coordinates and padding mask of the
+  tile's BLOCK_M rows are computed once per tap, and a block of channels is a contiguous,
+  vectorisable run of memory. The two loops are flattened by the compiler into one, so the
+  software pipeline runs across taps (a 3x3 conv with Cin=64 has only one channel block per tap).
+* flat (SMALL_CIN): for the stem's 7x7 conv over 3 channels, K = 147 walked in BLOCK_K steps with
+  (r, s, c) recovered by div/mod per K element; blocks of channels would be 13/16 padding.
+
+Everything after the GEMM is done on the fp32 accumulator before the single store.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: environment variable naming one of conv_configs() to use for every launch instead of autotuning
+CONFIG_ENV_VAR = "RESNET_FAST_TRITON_CONV_CONFIG"
+#: channel counts below this take the flat-K path (see the module doc)
+SMALL_CIN = 16
+
+
+def _config(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+def config_name(cfg: triton.Config) -> str:
+    k = cfg.kwargs
+    return f"m{k['BLOCK_M']}n{k['BLOCK_N']}k{k['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def conv_configs() -> dict[str, triton.Config]:
+    """The autotuning candidates, by name, chosen for ResNet-50 at batch 256 on H100.
+
+    M (output pixels) is 0.8M..12K rows, so BLOCK_M stays 128 except for one 64-row tile for the
+    small late layers; BLOCK_N spans Cout = 64 (layer1) to 2048; BLOCK_K 64 is a 128-byte row of
+    bf16 channels. Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size; fp32
+    candidates that do not fit are dropped by the autotuner (OutOfResources).
+    """
+    cfgs = [
+        _config(128, 256, 64, 8, 3),
+        _config(128, 128, 64, 8, 4),
+        _config(128, 128, 64, 4, 4),
+        _config(128, 128, 32, 4, 4),
+        _config(128, 64, 64, 4, 4),
+        _config(128, 64, 32, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+    ]
+    return {config_name(c): c for c in cfgs}
+
+
+#: the one config used under TRITON_INTERPRET=1: small tiles, so that the tests' small channel
+#: counts and sizes still cross block edges
+INTERPRETER_CONFIG = _config(32, 16, 16, 4, 1)
+
+
+@triton.jit
+def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr):
+    # relu(x * scale + shift) on the loaded tile, rounded back to the input dtype as the
+    # reference does. Padding taps must stay 0 after the transform (the conv pads pre(x), not x),
+    # hence the final where: relu(0 * scale + shift) is not 0 when shift > 0.
+    scale = tl.load(pre_scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(pre_bias_ptr + c, mask=c_ok, other=0.0)
+    t = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    return tl.where(ok, t, 0.0).to(a.dtype)
+
+
+@triton.jit
+def conv_bn_act_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, pre_scale_ptr, pre_bias_ptr, y_ptr,
+    M, H, W, Cin, Ho, Wo, Cout,
+    M_BUCKET,  # not read: an autotuning key, M rounded up so that each layer shape tunes once
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_PRE: tl.constexpr,
+    SMALL_CIN: tl.constexpr, INT64_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped tile order (matmul tutorial): GROUP_M row-tiles sweep all of Cout together, so their
+    # input rows are read from DRAM once and reused from L2 by every column tile.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Cout, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64_OFFSETS:
+        # Every offset below derives from offs_m, so this one cast makes all index math 64-bit.
+        offs_m = offs_m.to(tl.int64)
+    m_ok = offs_m < M
+    n_ok = offs_n < Cout
+
+    # Output pixel (img, ho, wo) of each row, and the input pixel its (0, 0) tap reads.
+    wo = offs_m % Wo
+    ho = (offs_m // Wo) % Ho
+    img = offs_m // (Wo * Ho)
+    ih0 = ho * STRIDE_H - PAD_H
+    iw0 = wo * STRIDE_W - PAD_W
+    K = KH * KW * Cin
+    w_rows = offs_n * K  # start of each output channel's row of the [Cout, K] weight
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SMALL_CIN:
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < K
+            c = k % Cin
+            tap = k // Cin
+            ih = ih0[:, None] + (tap // KW * DIL_H)[None, :]
+            iw = iw0[:, None] + (tap % KW * DIL_W)[None, :]
+            a_ok = (m_ok[:, None] & k_ok[None, :]
+                    & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a = tl.load(x_ptr + (((img[:, None] * H + ih) * W + iw) * Cin + c[None, :]),
+                        mask=a_ok, other=0.0)
+            if HAS_PRE:
+                a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr)
+            b = tl.load(w_ptr + (w_rows[None, :] + k[:, None]),
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        for tap in tl.range(0, KH * KW, flatten=True):
+            ih = ih0 + tap // KW * DIL_H
+            iw = iw0 + tap % KW * DIL_W
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            x_rows = ((img * H + ih) * W + iw) * Cin
+            w_tap = w_rows + tap * Cin
+            for c0 in range(0, Cin, BLOCK_K):
+                c = c0 + offs_k
+                c_ok = c < Cin
+                a_ok = row_ok[:, None] & c_ok[None, :]
+                a = tl.load(x_ptr + (x_rows[:, None] + c[None, :]), mask=a_ok, other=0.0)
+                if HAS_PRE:
+                    a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr)
+                b = tl.load(w_ptr + (w_tap[None, :] + c[:, None]),
+                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue in fp32: folded-BN shift, residual, ReLU; one cast and one masked store.
+    acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    y_offs = offs_m[:, None] * Cout + offs_n[None, :]
+    y_ok = m_ok[:, None] & n_ok[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + y_offs, mask=y_ok, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+
+
+def _autotuned(fn):
+    # triton >= 3.2 can keep tuning results on disk across processes; older ones cannot.
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=list(conv_configs().values()),
+                           key=["Cin", "Cout", "KH", "KW", "STRIDE_H", "M_BUCKET"], **extra)(fn)
+
+
+# Autotuning in the interpreter would time numpy; there the one small config is used instead.
+_tuned_kernel = None if _INTERPRET else _autotuned(conv_bn_act_kernel)
+
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual, relu, pre):
+    """The scalar and constexpr kernel arguments of one layer (shared by the launcher and the
+    ahead-of-time compile spec, so the report compiles exactly what runs)."""
+    n, cin, h, w = x_shape
+    cout, _, kh, kw = w_shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    m = n * ho * wo
+    # 32-bit index math must not wrap for any element's offset, nor for the row indices of the
+    # last, partial tile (up to BLOCK_M past M, masked by comparing them with M). Only tensors
+    # that near 2**31 elements pay for 64-bit math.
+    int64_offsets = max(n * cin * h * w, m * cout) >= 2**31 - 2**16
+    scalars = dict(M=m, H=h, W=w, Cin=cin, Ho=ho, Wo=wo, Cout=cout,
+                   M_BUCKET=triton.next_power_of_2(m))
+    constexprs = dict(
+        KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        DIL_H=dilation[0], DIL_W=dilation[1], HAS_RESIDUAL=residual, RELU=relu, HAS_PRE=pre,
+        SMALL_CIN=cin < SMALL_CIN, INT64_OFFSETS=int64_offsets,
+        # fp32 follows torch's cuDNN switch (TF32 tensor cores by default); fp16/bf16 ignore it.
+        INPUT_PRECISION="tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee",
+    )
+    return (n, cout, ho, wo), scalars, constexprs
+
+
+def _resolve_config(config):
+    if config is None:
+        config = os.environ.get(CONFIG_ENV_VAR) or None
+    if isinstance(config, str):
+        configs = conv_configs()
+        if config not in configs:
+            raise ValueError(f"unknown conv config {config!r}; choose one of {list(configs)}")
+        config = configs[config]
+    if config is None and _INTERPRET:
+        config = INTERPRETER_CONFIG
+    return config
+
+
+def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation,
+                residual: torch.Tensor | None = None, relu: bool = True,
+                pre_scale: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None, *,
+                out: torch.Tensor | None = None, config: triton.Config | str | None = None) -> torch.Tensor:
+    """Launch the fused conv (see the module doc); groups = 1.
+
+    x, residual, out: NHWC (channels_last) of one dtype among fp16/bf16/fp32; weight: (Cout, Cin,
+    kh, kw) in channels_last memory (OHWI); bias, pre_scale, pre_bias: contiguous fp32.
+    ``out`` receives y when given (else it is allocated channels_last). ``config`` (a
+    triton.Config or a name from :func:`conv_configs`) skips autotuning; so does setting
+    RESNET_FAST_TRITON_CONV_CONFIG to a name.
+    """
+    if x.dtype not in _TORCH_TO_TRITON:
+        raise TypeError(f"the Triton conv takes float16, bfloat16 or float32, not {x.dtype}")
+    for name, t in (("x", x), ("weight", weight), ("residual", residual), ("out", out)):
+        if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"{name} must be 4-D and channels_last-contiguous (NHWC / OHWI in memory)")
+    (n, cout, ho, wo), scalars, constexprs = _layer_args(
+        tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation), x.dtype,
+        residual=residual is not None, relu=relu, pre=pre_scale is not None)
+    if out is None:
+        out = x.new_empty((n, cout, ho, wo), memory_format=torch.channels_last)
+    elif out.shape != (n, cout, ho, wo) or out.dtype != x.dtype:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {(n, cout, ho, wo)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    if out.numel() == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(scalars["M"], meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+
+    config = _resolve_config(config)
+    args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias, res_ptr=residual, pre_scale_ptr=pre_scale,
+                pre_bias_ptr=pre_bias, y_ptr=out, **scalars, **constexprs)
+    if config is None:
+        _tuned_kernel[grid](**args)
+    else:
+        conv_bn_act_kernel[grid](**args, **config.all_kwargs())
+    return out
+
+
+def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), padding=(0, 0),
+                      dilation=(1, 1), *, residual=False, relu=True, pre=False,
+                      config: triton.Config | str) -> dict:
+    """What ``triton.compile`` needs to build one layer's kernel ahead of time, no GPU required::
+
+        spec = conv_compile_spec(torch.bfloat16, (256, 64, 56, 56), (64, 64, 3, 3), (1, 1), (1, 1),
+                                 config="m128n128k64w8s4")
+        src = ASTSource(fn=spec["fn"], signature=spec["signature"],
+                        constexprs=spec["constexprs"], attrs=spec["attrs"])
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=spec["options"])
+
+    The signature and attributes follow what the JIT derives from real arguments of these
+    shapes: pointers 16-byte aligned, ints marked divisible by 16 where they are, ints equal
+    to 1 and absent (None) pointers folded into constants.
+    """
+    config = _resolve_config(config)
+    _, scalars, constexprs = _layer_args(
+        tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
+        residual=residual, relu=relu, pre=pre)
+    constexprs.update(config.kwargs)
+    elem = "*" + _TORCH_TO_TRITON[dtype]
+    pointers = dict(x_ptr=elem, w_ptr=elem, bias_ptr="*fp32", res_ptr=elem if residual else None,
+                    pre_scale_ptr="*fp32" if pre else None, pre_bias_ptr="*fp32" if pre else None,
+                    y_ptr=elem)
+    fn = conv_bn_act_kernel
+    signature, attrs = {}, {}
+    for name in fn.arg_names:
+        if name in pointers and pointers[name] is not None:
+            signature[name] = pointers[name]
+            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+        elif name in scalars and scalars[name] != 1:
+            signature[name] = "i32"
+            if scalars[name] % 16 == 0:
+                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "constexpr"
+            if name in pointers:
+                constexprs[name] = None
+            elif name in scalars:
+                constexprs[name] = 1
+    return dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
+                options={"num_warps": config.num_warps, "num_stages": config.num_stages})

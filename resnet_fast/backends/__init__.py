@@ -1,0 +1,104 @@
+"""The backend registry: one table of backends, and the choice among them.
+
+Choice order, most specific first: the ``backend=`` argument of a call, the backend set on a
+module, the ``RESNET_FAST_BACKEND`` environment variable, then ``"auto"``. ``"auto"`` takes the
+first backend of :data:`AUTO_ORDER` that is available for the tensor's device and dtype and
+supports the call, and logs once why it passed over the others. A backend named explicitly
+that cannot run on the device at all raises; one that cannot take a particular shape (e.g.
+grouped convs) falls back to ``torch`` for that call, logged once with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from .base import Backend
+
+log = logging.getLogger("resnet_fast")
+
+#: name -> "module:Class", imported on first use so that e.g. the CUDA build never runs at import
+_REGISTRY: dict[str, str] = {
+    "torch": "resnet_fast.backends.torch_backend:TorchBackend",
+    "triton": "resnet_fast.backends.triton_backend:TritonBackend",
+    "cuda": "resnet_fast.backends.cuda_backend:CudaBackend",
+}
+#: preference of "auto", fastest first (set from the measured per-layer tables in benchmarks/)
+AUTO_ORDER = ("cuda", "triton", "torch")
+ENV_VAR = "RESNET_FAST_BACKEND"
+NAMES = tuple(_REGISTRY) + ("auto",)
+
+_instances: dict[str, Backend] = {}
+_said: set[str] = set()
+
+
+def say_once(msg: str, level: int = logging.INFO) -> None:
+    """Log a fallback or choice message once per process (they repeat every layer otherwise)."""
+    if msg not in _said:
+        _said.add(msg)
+        log.log(level, msg)
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")
+    be = _instances.get(name)
+    if be is None:
+        mod, cls = _REGISTRY[name].split(":")
+        be = _instances[name] = getattr(importlib.import_module(mod), cls)()
+    return be
+
+
+def validate_name(name: Optional[str]) -> Optional[str]:
+    if name is not None and name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of {NAMES}")
+    return name
+
+
+def default_name() -> str:
+    return validate_name(os.environ.get(ENV_VAR) or None) or "auto"
+
+
+def available(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    try:
+        return get(name).available(torch.device(device), dtype)
+    except Exception as e:  # a backend that cannot even import is not available, with the reason
+        return False, f"{type(e).__name__}: {e}"
+
+
+def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+            groups: int = 1) -> Backend:
+    """The backend that runs a call on x (see the module doc for the order of choice).
+
+    A Backend object passes through unchanged: the caller already resolved it for this call.
+    """
+    if isinstance(name, Backend):
+        return name
+    name = validate_name(name) or default_name()
+    if name == "auto":
+        reasons = []
+        for cand in AUTO_ORDER:
+            ok, why = available(cand, x.device, x.dtype)
+            if ok:
+                ok, why = get(cand).supports(x, weight, groups)
+            if ok:
+                if reasons:
+                    say_once(f"resnet_fast: auto picked {cand!r} for {x.device.type}/{x.dtype}"
+                             + (f" ({'; '.join(reasons)})" if reasons else ""))
+                return get(cand)
+            reasons.append(f"{cand}: {why}")
+        raise RuntimeError("no backend can run this call: " + "; ".join(reasons))
+    be = get(name)
+    ok, why = be.available(x.device, x.dtype)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} cannot run on {x.device.type} with {x.dtype}: {why}")
+    ok, why = be.supports(x, weight, groups)
+    if not ok:
+        say_once(f"resnet_fast: backend {name!r} falls back to 'torch' for this call: {why}",
+                 logging.WARNING)
+        return get("torch")
+    return be

@@ -1,0 +1,288 @@
+"""Drop-in modules: the fused conv unit, BasicBlock and Bottleneck.
+
+The blocks have torchvision's constructor arguments and its submodule, parameter and buffer
+names, so a ``state_dict`` moves both ways unchanged. In train() (or whenever autograd must
+see the math) they run torchvision's exact code: batch statistics, running-stat updates,
+gradients. In eval() each conv runs as one fused op (conv + folded BN [+ residual] [+ ReLU])
+on the module's backend, with the folded weights from a never-stale :class:`FoldCache`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from . import backends, ops
+from .backends import say_once
+from .fold import FoldCache
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+# --------------------------------------------------------------------------------------
+# The fused unit (the one piece of code every converted module runs its convs through)
+# --------------------------------------------------------------------------------------
+def _needs_reference(x: torch.Tensor, residual, modules) -> Optional[str]:
+    """Why this call must run the exact reference math instead of the fused kernels, or None."""
+    for m in modules:
+        if m is not None and m.training:
+            return "train mode"
+    if torch.is_grad_enabled():
+        if x.requires_grad or (residual is not None and residual.requires_grad):
+            return "autograd"
+        for m in modules:
+            if m is not None and any(p.requires_grad for p in m.parameters(recurse=False)):
+                return "autograd"
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast"
+    return None
+
+
+_WHY_REFERENCE = {
+    "autograd": ("resnet_fast: eval() forward with autograd enabled runs the reference math so "
+                 "gradients are exact; wrap inference in torch.no_grad() or torch.inference_mode() "
+                 "to run the fused kernels"),
+    "autocast": ("resnet_fast: forward under autocast runs the reference math; cast the model "
+                 "with .half()/.bfloat16() instead to run the fused kernels"),
+}
+
+
+def to_nhwc(t: torch.Tensor) -> torch.Tensor:
+    return t if ops.is_nhwc(t) else t.contiguous(memory_format=torch.channels_last)
+
+
+def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldCache, *,
+               relu: bool, residual: Optional[torch.Tensor] = None, pre_bn: Optional[_BN] = None,
+               backend=None) -> torch.Tensor:
+    """act(bn(conv(pre(x))) [+ residual]) with pre(x) = relu(pre_bn(x)) when pre_bn is given.
+
+    eval(): one fused op on the backend with folded weights. Otherwise: the modules' own
+    forward, so BatchNorm's training semantics and autograd are exactly torch's.
+    """
+    why = _needs_reference(x, residual, (conv, bn, pre_bn))
+    if why is not None:
+        if why in _WHY_REFERENCE:
+            say_once(_WHY_REFERENCE[why])
+        if pre_bn is not None:
+            x = torch.relu(pre_bn(x))
+        y = conv(x)
+        if bn is not None:
+            y = bn(y)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    if x.dtype != conv.weight.dtype:
+        raise TypeError(f"input dtype {x.dtype} does not match the module's {conv.weight.dtype}; "
+                        f"cast one of them (e.g. model.to({x.dtype}))")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv")
+    be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups)
+    w, b, pre_scale, pre_bias = cache.get(conv, bn, pre_bn, x.dtype, be)
+    if be.requires_nhwc:
+        x = to_nhwc(x)
+        residual = to_nhwc(residual) if residual is not None else None
+    return ops.conv_bn_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
+                           residual, relu, pre_scale, pre_bias, backend=be)
+
+
+def _conv_padding(conv: nn.Conv2d):
+    if isinstance(conv.padding, str):
+        raise ValueError(f"string padding {conv.padding!r} is not supported by the fused conv")
+    return conv.padding
+
+
+class ConvBNAct(nn.Module):
+    """conv → [BatchNorm] → [+ residual] → [ReLU], one fused op in eval().
+
+    Owns its ``conv`` and ``bn`` (state_dict keys ``conv.*``, ``bn.*``); the optional
+    ``pre_bn`` is a BatchNorm applied with a ReLU *before* the conv (pre-activation), fused
+    into the kernel's input prologue. ``forward(x, residual=None)``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: Optional[_BN] = None, relu: bool = True,
+                 pre_bn: Optional[_BN] = None, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"ConvBNAct wraps an nn.Conv2d, got {type(conv).__name__}")
+        _conv_padding(conv)
+        self.conv = conv
+        self.bn = bn
+        self.pre_bn = pre_bn
+        self.relu = relu
+        self.backend = backends.validate_name(backend)
+        self._fold = FoldCache()
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        y = fused_conv(x, self.conv, self.bn, self._fold, relu=self.relu, residual=residual,
+                       pre_bn=self.pre_bn, backend=self.backend)
+        return _like_input(y, x)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, backend={self.backend or 'default'}"
+
+
+def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y in x's memory format (the fused path computes NHWC; an NCHW caller gets NCHW back)."""
+    if y.dim() == 4 and x.dim() == 4 and not ops.is_nhwc(x) and ops.is_nhwc(y) and y.shape[1] > 1:
+        return y.contiguous()
+    return y
+
+
+def fusable_downsample(ds: Optional[nn.Module]):
+    """(conv, bn) when ds is the usual Sequential(conv1x1, BatchNorm), else None."""
+    if (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+            and isinstance(ds[1], _BN)):
+        return ds[0], ds[1]
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The blocks (torchvision.models.resnet semantics and names)
+# --------------------------------------------------------------------------------------
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
+                     groups=groups, bias=False, dilation=dilation)
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _FusedBlock(nn.Module):
+    """What BasicBlock and Bottleneck share: fold caches, backend choice, layout at entry."""
+
+    #: the (conv, bn) attribute pairs of the main path, in order; the last takes the residual
+    _units: tuple[tuple[str, str], ...] = ()
+
+    def _init_fused(self):
+        self.backend: Optional[str] = None
+        self._folds = {name: FoldCache() for name, _ in self._units + (("downsample", None),)}
+
+    def _reference_forward(self, x):
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = [getattr(self, n) for pair in self._units for n in pair]
+        if _needs_reference(x, None, mods) is not None:
+            return self._reference_forward(x)
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of "
+                             f"shape {tuple(x.shape)}")
+        entry = x
+        be = backends.resolve(self.backend, x, weight=getattr(self, self._units[0][0]).weight,
+                              groups=getattr(self, self._units[0][0]).groups)
+        if be.requires_nhwc:
+            x = to_nhwc(x)  # once per block here; a converted model converts once at its entry
+        out = x
+        for i, (cname, bname) in enumerate(self._units[:-1]):
+            out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
+                             relu=True, backend=self.backend)
+        ds = fusable_downsample(self.downsample)
+        if ds is not None:
+            identity = fused_conv(x, ds[0], ds[1], self._folds["downsample"], relu=False,
+                                  backend=self.backend)
+        elif self.downsample is not None:
+            identity = self.downsample(x)
+        else:
+            identity = x
+        cname, bname = self._units[-1]
+        out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
+                         relu=True, residual=identity, backend=self.backend)
+        return _like_input(out, entry)
+
+    @classmethod
+    def from_torchvision(cls, block: nn.Module, backend: Optional[str] = None):
+        """A block of this class sharing (not copying) every submodule and tensor of ``block``."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.downsample = None  # torchvision keeps a missing downsample as a plain None attribute
+        for name, child in block.named_children():
+            setattr(new, name, child)
+        for name, buf in block.named_buffers(recurse=False):
+            new.register_buffer(name, buf)
+        for name, p in block.named_parameters(recurse=False):
+            new.register_parameter(name, p)
+        for attr in ("stride",):
+            setattr(new, attr, getattr(block, attr))
+        new.training = block.training
+        new._init_fused()
+        new.backend = backends.validate_name(backend)
+        return new
+
+
+class BasicBlock(_FusedBlock):
+    """torchvision's BasicBlock (same arguments, names and results), fused in eval()."""
+
+    expansion: int = 1
+    _units = (("conv1", "bn1"), ("conv2", "bn2"))
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fused()
+
+    def _reference_forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class Bottleneck(_FusedBlock):
+    """torchvision's Bottleneck (ResNet V1.5: stride on the 3×3), fused in eval()."""
+
+    expansion: int = 4
+    _units = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer: Optional[Callable[..., nn.Module]] = None) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self._init_fused()
+
+    def _reference_forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)

@@ -1,0 +1,255 @@
+"""The op contract that every backend implements.
+
+Two ops, one meaning:
+
+    conv_bn_act(x, weight, bias, stride, padding, dilation, groups,
+                residual=None, relu=True, pre_scale=None, pre_bias=None) -> y
+        y = act(conv(pre(x), weight) + bias [+ residual])
+        pre(x) = relu(x * pre_scale + bias_in) per input channel when pre_scale is given
+        (the pre-activation prologue; the zero padding of the conv applies *after* it).
+    add_relu(a, b) -> relu(a + b)        add_relu_(a, b): the same, written into a.
+
+Tensors: x, residual and y are 4-D NHWC in memory (``torch.channels_last``);
+weight is the conv weight (Cout, Cin/groups, kh, kw) with the BN scale folded in, in the
+dtype of x, in whatever memory format the backend packed it into; bias, pre_scale, pre_bias
+are per-channel float32 (float64 when x is float64).
+
+This module holds the schemas, the one fake (meta) implementation, the one reference
+implementation in plain torch, the argument checks shared by every backend, and dispatch by
+backend name. Backends register one custom op per op under the ``resnet_fast`` namespace with
+:func:`define_backend_ops`, so ``torch.compile``, ``torch.export`` and CUDA graphs see one
+shape of op whichever backend runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+NAMESPACE = "resnet_fast"
+
+CONV_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor bias, int[] stride, int[] padding, int[] dilation, "
+    "int groups, Tensor? residual, bool relu, Tensor? pre_scale, Tensor? pre_bias) -> Tensor"
+)
+ADD_RELU_SCHEMA = "(Tensor a, Tensor b) -> Tensor"
+ADD_RELU_INPLACE_SCHEMA = "(Tensor(a!) a, Tensor b) -> ()"
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------
+# Shapes and argument checks (the one copy; backends call these, never re-implement them)
+# --------------------------------------------------------------------------------------
+def conv_output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) -> tuple[int, int]:
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return ho, wo
+
+
+def _pair(v: int | Sequence[int], name: str) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    if len(v) == 1:
+        return [v[0], v[0]]
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {v}")
+    return v
+
+
+def is_nhwc(t: torch.Tensor) -> bool:
+    """True when t's memory is NHWC (channels fastest), the layout every kernel reads."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups, residual,
+                           pre_scale, pre_bias, *, require_nhwc: bool) -> tuple[int, int, int, int]:
+    """Validate one call of conv_bn_act; returns the output shape (N, Cout, Ho, Wo).
+
+    Raises TypeError/ValueError/RuntimeError with a message a user can act on, so that no
+    kernel ever sees an argument it would fault on.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"conv_bn_act expects a 4-D input (N, C, H, W), got "
+                         f"{'a ' + type(x).__name__ if not isinstance(x, torch.Tensor) else f'{x.dim()}-D tensor of shape {tuple(x.shape)}'}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"conv_bn_act expects a floating-point input, got {x.dtype}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (Cout, Cin/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match input dtype {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual),
+                    ("pre_scale", pre_scale), ("pre_bias", pre_bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name} is on {t.device} but the input is on {x.device}; "
+                               f"move the module with .to({x.device})")
+    n, c, h, w = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    if groups < 1 or c % groups or cout % groups:
+        raise ValueError(f"groups={groups} must divide both input channels {c} and output channels {cout}")
+    if cin_g * groups != c:
+        raise ValueError(f"input has {c} channels but the weight expects {cin_g * groups} "
+                         f"(weight shape {tuple(weight.shape)}, groups={groups})")
+    if any(s < 1 for s in stride) or any(p < 0 for p in padding) or any(d < 1 for d in dilation):
+        raise ValueError(f"invalid stride {stride}, padding {padding} or dilation {dilation}")
+    ho, wo = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} kernel with padding "
+                         f"{padding} and dilation {dilation}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if bias.shape != (cout,) or bias.dtype != acc:
+        raise ValueError(f"bias must be a ({cout},) {acc} tensor, got {tuple(bias.shape)} {bias.dtype}")
+    if (pre_scale is None) != (pre_bias is None):
+        raise ValueError("pre_scale and pre_bias go together: give both or neither")
+    if pre_scale is not None:
+        for name, t in (("pre_scale", pre_scale), ("pre_bias", pre_bias)):
+            if t.shape != (c,) or t.dtype != acc:
+                raise ValueError(f"{name} must be a ({c},) {acc} tensor, got {tuple(t.shape)} {t.dtype}")
+    if residual is not None:
+        if residual.shape != (n, cout, ho, wo):
+            raise ValueError(f"residual has shape {tuple(residual.shape)} but the conv output is "
+                             f"{(n, cout, ho, wo)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match input dtype {x.dtype}")
+    if require_nhwc:
+        if not is_nhwc(x):
+            raise ValueError("x must be NHWC in memory: pass x.contiguous(memory_format=torch.channels_last)")
+        if residual is not None and not is_nhwc(residual):
+            raise ValueError("residual must be NHWC in memory (torch.channels_last)")
+    return n, cout, ho, wo
+
+
+def empty_nhwc(like: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised NHWC tensor of ``shape`` with like's dtype and device."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def check_add_relu_args(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"add_relu needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"add_relu needs tensors of one dtype, got {a.dtype} and {b.dtype}")
+    if a.device != b.device:
+        raise RuntimeError(f"add_relu needs tensors on one device, got {a.device} and {b.device}")
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"add_relu expects floating-point tensors, got {a.dtype}")
+
+
+# --------------------------------------------------------------------------------------
+# The reference implementation (plain torch: any device, any float dtype; also what the
+# `torch` backend runs). Epilogue math in float32 (float64 for float64 inputs), like the kernels.
+# --------------------------------------------------------------------------------------
+def conv_bn_act_reference(x, weight, bias, stride, padding, dilation, groups,
+                          residual=None, relu=True, pre_scale=None, pre_bias=None):
+    acc = bias.dtype
+    if pre_scale is not None:
+        x = torch.relu(x.to(acc) * pre_scale.view(1, -1, 1, 1) + pre_bias.view(1, -1, 1, 1)).to(x.dtype)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups).to(acc)
+    y = y + bias.view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def add_relu_reference(a, b):
+    return torch.relu(a + b)
+
+
+# --------------------------------------------------------------------------------------
+# The one fake (meta) implementation, shared by every backend's registered op.
+# --------------------------------------------------------------------------------------
+def conv_bn_act_fake(x, weight, bias, stride, padding, dilation, groups,
+                     residual=None, relu=True, pre_scale=None, pre_bias=None):
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho, wo = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
+    return empty_nhwc(x, (n, cout, ho, wo))
+
+
+def add_relu_fake(a, b):
+    return torch.empty_like(a)
+
+
+def add_relu_inplace_fake(a, b):
+    return None
+
+
+def define_backend_ops(suffix: str, conv_impl=None, add_relu_impl=None, add_relu_inplace_impl=None,
+                       dispatch_key: str = "CompositeExplicitAutograd"):
+    """Define resnet_fast::{conv_bn_act,add_relu,add_relu_inplace}_<suffix> with the shared
+    schemas and fake, and register the given Python implementations (a backend whose kernels
+    are registered from C++ passes None and registers them with TORCH_LIBRARY_IMPL).
+
+    Returns (conv_op, add_relu_op, add_relu_inplace_op) as torch.ops overloads.
+    """
+    lib = _libraries.get(suffix)
+    if lib is None:
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        names = {"conv_bn_act": CONV_SCHEMA, "add_relu": ADD_RELU_SCHEMA,
+                 "add_relu_inplace": ADD_RELU_INPLACE_SCHEMA}
+        fakes = {"conv_bn_act": conv_bn_act_fake, "add_relu": add_relu_fake,
+                 "add_relu_inplace": add_relu_inplace_fake}
+        impls = {"conv_bn_act": conv_impl, "add_relu": add_relu_impl,
+                 "add_relu_inplace": add_relu_inplace_impl}
+        for op, schema in names.items():
+            qual = f"{op}_{suffix}"
+            lib.define(qual + schema)
+            torch.library.register_fake(f"{NAMESPACE}::{qual}", fakes[op], lib=lib)
+            if impls[op] is not None:
+                lib.impl(qual, impls[op], dispatch_key)
+        _libraries[suffix] = lib
+    ns = getattr(torch.ops, NAMESPACE)
+    return (getattr(ns, f"conv_bn_act_{suffix}").default,
+            getattr(ns, f"add_relu_{suffix}").default,
+            getattr(ns, f"add_relu_inplace_{suffix}").default)
+
+
+_libraries: dict[str, torch.library.Library] = {}
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points: dispatch by backend.
+# --------------------------------------------------------------------------------------
+def conv_bn_act(x, weight, bias, stride=1, padding=0, dilation=1, groups=1,
+                residual=None, relu=True, pre_scale=None, pre_bias=None, *, backend=None):
+    """Fused conv + folded BN (+ residual) (+ ReLU) on the chosen backend (see module doc).
+
+    ``backend``: a name (see :mod:`resnet_fast.backends`), a Backend object already resolved
+    by the caller, or None for the default choice.
+    """
+    from .backends import resolve
+
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    be = resolve(backend, x, weight=weight, groups=groups)
+    n, cout, ho, wo = check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups,
+                                             residual, pre_scale, pre_bias,
+                                             require_nhwc=be.requires_nhwc)
+    if n == 0:  # an empty batch launches nothing
+        return empty_nhwc(x, (0, cout, ho, wo))
+    return be.conv_bn_act(x, weight, bias, stride, padding, dilation, groups,
+                          residual, relu, pre_scale, pre_bias)
+
+
+def add_relu(a, b, *, backend=None):
+    """relu(a + b) on the chosen backend."""
+    from .backends import resolve
+
+    check_add_relu_args(a, b)
+    if a.numel() == 0:
+        return torch.empty_like(a)
+    return resolve(backend, a).add_relu(a, b)
+
+
+def add_relu_(a, b, *, backend=None):
+    """a <- relu(a + b) on the chosen backend; returns a."""
+    from .backends import resolve
+
+    check_add_relu_args(a, b)
+    if a.numel():
+        resolve(backend, a).add_relu_(a, b)
+    return a

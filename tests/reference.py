@@ -1,0 +1,26 @@
+"""What the tests share: randomized BN statistics and the relative-error measure."""
+
+import torch
+from torch import nn
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters (the default init makes BN an identity,
+    which would hide folding bugs)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.normal_(0, 0.5)
+    return model
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN/inf anywhere gives inf so it never passes."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
