@@ -59,6 +59,7 @@ def collect(device: torch.device, repo: str, argv: list[str]) -> dict:
         "platform": platform.platform(),
         "hostname": platform.node(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
         "triton": _version("triton"),

@@ -12,7 +12,6 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
 @dataclass
@@ -67,12 +66,16 @@ class ConvLayer:
                 "cin": c.in_channels, "cout": c.out_channels, "kernel": list(c.kernel_size),
                 "stride": list(c.stride), "padding": list(c.padding), "dilation": list(c.dilation),
                 "groups": c.groups, "in_hw": list(self.in_shape[1:]), "out_hw": list(self.out_shape[1:]),
+                "batch": batch, "h": self.in_shape[1], "w": self.in_shape[2],   # the keys
+                "ho": self.out_shape[1], "wo": self.out_shape[2],            # kernel_report reads
                 "epilogue": self.epilogue, "label": self.label(), "flops": self.flops(batch),
                 "bytes": self.bytes(batch, itemsize)}
 
 
 def conv_units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Conv2d, torch.nn.BatchNorm2d, str]]:
     """(name, conv, bn, epilogue) for every conv of a torchvision ResNet, in forward order."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck  # lazy: see models.py
+
     units = [("conv1", model.conv1, model.bn1, "relu")]
     for lname in ("layer1", "layer2", "layer3", "layer4"):
         for i, blk in enumerate(getattr(model, lname)):

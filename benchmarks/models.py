@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 
 import torch
-import torchvision
 
+# torchvision is imported where used, not here: it imports triton, and the report must be able
+# to set TRITON_INTERPRET (CPU runs of the triton backend) before triton is first imported.
 MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 
 
@@ -45,6 +46,8 @@ def build(name: str, *, device: torch.device, resolution: int, seed: int,
     """The fp32 eval() model on device, weights and BN randomized from seed."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    import torchvision
+
     torch.manual_seed(seed)
     model = getattr(torchvision.models, name)(weights=None).to(device)
     gen = torch.Generator().manual_seed(seed + 1)

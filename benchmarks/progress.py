@@ -1,6 +1,7 @@
-"""Progress during long runs: a bar over items, and a heartbeat while one call takes minutes
-(torch.compile, max-autotune, a backend's first-call autotune) so a silent console never
-looks like a hang. tqdm when installed, plain flushed prints otherwise."""
+"""Progress during long runs: one line per finished item, and a heartbeat while one call takes
+minutes (torch.compile, max-autotune, a backend's first-call autotune) so a silent console
+never looks like a hang. Lines go through tqdm.write when tqdm is installed (so they do not
+tear a bar some library draws), plain flushed prints otherwise."""
 
 from __future__ import annotations
 
@@ -21,17 +22,6 @@ def log(msg: str) -> None:
     else:
         print(msg, flush=True)
     sys.stdout.flush()
-
-
-def iterate(items, desc: str):
-    items = list(items)
-    if _tqdm is not None:
-        yield from _tqdm(items, desc=desc, file=sys.stderr, mininterval=1.0, leave=False,
-                         dynamic_ncols=True)
-        return
-    for i, it in enumerate(items):
-        print(f"  {desc} {i + 1}/{len(items)}", flush=True)
-        yield it
 
 
 @contextlib.contextmanager

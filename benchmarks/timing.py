@@ -98,16 +98,13 @@ def bench(fn: Callable, ring: Sequence[tuple], *, device: torch.device, warmup: 
     k = len(ring)
     n_warm = max(warmup, k)
     if device.type != "cuda":
-        for i in range(n_warm):
-            fn(*ring[i % k])
-        t0 = time.perf_counter()
+        # CPU: one warm-up call (callers have made the first call already), then calls until
+        # target_ms is filled: a call that takes seconds (the Triton interpreter) runs min 3 times.
         fn(*ring[0])
-        est = (time.perf_counter() - t0) * 1e3
-        reps = max(min_reps, min(max_reps, int(target_ms / max(est, 1e-3))))
-        times = []
-        for i in range(reps):
+        times: list[float] = []
+        while len(times) < max_reps and (len(times) < 3 or sum(times) < target_ms):
             t0 = time.perf_counter()
-            fn(*ring[i % k])
+            fn(*ring[len(times) % k])
             times.append((time.perf_counter() - t0) * 1e3)
         return _summary(times, None, "perf_counter")
 

@@ -33,10 +33,10 @@ __device__ __forceinline__ float relu_keep_nan(float s) { return s < 0.f ? 0.f :
 // elements. `vectorized` is false when any pointer is not 16-byte aligned (a view with a storage
 // offset): then every element goes through the scalar path.
 template <typename T>
-__global__ void add_relu_kernel(const T* __restrict__ a, const T* __restrict__ b, T* out,
-                                int64_t numel, bool vectorized) {
-  // `out` may alias `a` (in place), so it is not __restrict__; each element is read before it is
-  // written by the same thread, which makes the aliasing harmless.
+__global__ void add_relu_kernel(const T* a, const T* b, T* out, int64_t numel, bool vectorized) {
+  // No __restrict__: `out` aliases `a` in the in-place op (and add_relu_(a, a) aliases all
+  // three). Each element is read and then written by one thread, so aliasing is harmless; the
+  // read-only-cache path that __restrict__ would enable buys nothing for a streaming kernel.
   constexpr int kN = Vec16<T>::kN;
   const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nthreads = int64_t(gridDim.x) * blockDim.x;
@@ -68,9 +68,15 @@ cudaError_t launch(const void* a, const void* b, void* out, int64_t numel, cudaS
   const int64_t work = vectorized ? (numel + Vec16<T>::kN - 1) / Vec16<T>::kN : numel;
   // Enough blocks to fill the GPU several times over; beyond that the grid-stride loop takes
   // over (and the block count stays far below the 2^31-1 grid limit).
-  int device = 0, sms = 132;
+  int device = 0;
   cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  static int sm_count[64] = {};  // per device, queried once (benign race: same value written)
+  int sms = device < 64 ? sm_count[device] : 0;
+  if (sms == 0) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (sms <= 0) sms = 132;
+    if (device < 64) sm_count[device] = sms;
+  }
   const int64_t max_blocks = int64_t(sms) * 8;
   int64_t blocks = (work + kThreads - 1) / kThreads;
   if (blocks > max_blocks) blocks = max_blocks;

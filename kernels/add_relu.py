@@ -13,6 +13,9 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096
+#: past this many elements the offsets of the last block (up to BLOCK past numel) would wrap in
+#: int32, so the launcher switches to 64-bit offsets
+INT32_INDEX_LIMIT = 2**31
 NUM_WARPS = 8  # 256 threads x 16 elements: two 128-bit accesses per thread per operand in 16-bit dtypes
 
 
@@ -31,16 +34,21 @@ def add_relu_kernel(a_ptr, b_ptr, out_ptr, numel,
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def same_memory_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b can be walked as flat buffers: both contiguous or both channels_last."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    cl = torch.channels_last
+    return a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl)
+
+
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"add_relu needs a and b of one shape, dtype and device, got "
                          f"{tuple(a.shape)} {a.dtype} {a.device} and {tuple(b.shape)} {b.dtype} {b.device}")
     if a.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton add_relu takes float16, bfloat16 or float32, not {a.dtype}")
-    same_order = (a.is_contiguous() and b.is_contiguous()) or (
-        a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last)
-        and b.is_contiguous(memory_format=torch.channels_last))
-    if not same_order:
+    if not same_memory_order(a, b):
         raise ValueError("add_relu needs a and b both contiguous or both channels_last-contiguous; "
                          f"got strides {a.stride()} and {b.stride()}")
 
@@ -48,9 +56,8 @@ def _check(a: torch.Tensor, b: torch.Tensor) -> None:
 def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     n = a.numel()
     if n:
-        # The last block's offsets run up to BLOCK past numel; in int32 they must not wrap.
         add_relu_kernel[(triton.cdiv(n, BLOCK),)](a, b, out, n, BLOCK=BLOCK,
-                                                  INT64_OFFSETS=n + BLOCK >= 2**31,
+                                                  INT64_OFFSETS=n + BLOCK >= INT32_INDEX_LIMIT,
                                                   num_warps=NUM_WARPS)
 
 

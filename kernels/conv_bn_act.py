@@ -13,10 +13,11 @@ The GEMM view, as in Triton's matmul tutorial but with the A operand gathered fr
 Row m of A at K index (r, s, c) is x[n, ho*stride - pad + r*dil, wo*stride - pad + s*dil, c], or
 0 where that pixel lies in the padding. Two ways to walk K (a constexpr switch):
 
-* by taps: for each (r, s), for each block of Cin. The pixel coordinates and padding mask of the
-  tile's BLOCK_M rows are computed once per tap, and a block of channels is a contiguous,
-  vectorisable run of memory. The two loops are flattened by the compiler into one, so the
-  software pipeline runs across taps (a 3x3 conv with Cin=64 has only one channel block per tap).
+* by taps: taps (r, s) outside, blocks of Cin inside, written as one loop over (tap, channel
+  block) pairs so that the software pipeline spans the taps (a 3x3 conv over 64 channels has
+  one channel block per tap: nested loops would pipeline nothing). The tap's coordinates are
+  per row of the tile, not per K element: an add and four compares on BLOCK_M values, while a
+  block of channels is a contiguous run of memory that loads as 16-byte vectors (cp.async).
 * flat (SMALL_CIN): for the stem's 7x7 conv over 3 channels, K = 147 walked in BLOCK_K steps with
   (r, s, c) recovered by div/mod per K element; blocks of channels would be 13/16 padding.
 
@@ -32,11 +33,16 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+#: kernels decorated while TRITON_INTERPRET=1 run in Triton's interpreter (CPU tensors too)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: environment variable naming one of conv_configs() to use for every launch instead of autotuning
 CONFIG_ENV_VAR = "RESNET_FAST_TRITON_CONV_CONFIG"
 #: channel counts below this take the flat-K path (see the module doc)
 SMALL_CIN = 16
+#: tensors with this many elements or more get 64-bit index math. 32-bit math must not wrap for
+#: any element's offset, nor for the row indices of the last, partial tile (up to BLOCK_M past M,
+#: masked by comparing them with M); only tensors near 2**31 elements pay for 64-bit math.
+INT32_INDEX_LIMIT = 2**31 - 2**16
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -49,24 +55,35 @@ def config_name(cfg: triton.Config) -> str:
     return f"m{k['BLOCK_M']}n{k['BLOCK_N']}k{k['BLOCK_K']}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def conv_configs() -> dict[str, triton.Config]:
-    """The autotuning candidates, by name, chosen for ResNet-50 at batch 256 on H100.
+def conv_configs(small_cin: bool = False) -> dict[str, triton.Config]:
+    """The autotuning candidates by name, for the tap path or the flat small-Cin path.
 
-    M (output pixels) is 0.8M..12K rows, so BLOCK_M stays 128 except for one 64-row tile for the
-    small late layers; BLOCK_N spans Cout = 64 (layer1) to 2048; BLOCK_K 64 is a 128-byte row of
-    bf16 channels. Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * elem_size; fp32
-    candidates that do not fit are dropped by the autotuner (OutOfResources).
+    Chosen for ResNet-50 at batch 256 on H100. Tap path: M (output pixels) runs from 0.8M rows
+    (layer1) down to 12.5K (layer4), so BLOCK_M is 128 but for two 64-row tiles for the late
+    layers; BLOCK_N spans Cout = 64..2048; BLOCK_K = 64 is one 128-byte row of 16-bit channels.
+    Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * element size, so some fp32
+    candidates do not fit; the autotuner skips those (OutOfResources).
+    Flat path (the stem, K = 147): its gathers are scalar loads held in registers, so tiles are
+    smaller; BLOCK_K = 32 wastes 13 of 160 K slots where 64 would waste 45.
     """
-    cfgs = [
-        _config(128, 256, 64, 8, 3),
-        _config(128, 128, 64, 8, 4),
-        _config(128, 128, 64, 4, 4),
-        _config(128, 128, 32, 4, 4),
-        _config(128, 64, 64, 4, 4),
-        _config(128, 64, 32, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 4, 4),
-    ]
+    if small_cin:
+        cfgs = [
+            _config(128, 64, 32, 4, 3),
+            _config(256, 64, 32, 8, 3),
+            _config(64, 64, 32, 4, 3),
+            _config(128, 128, 32, 8, 3),
+        ]
+    else:
+        cfgs = [
+            _config(128, 256, 64, 8, 3),
+            _config(128, 128, 64, 8, 4),
+            _config(128, 128, 64, 4, 4),
+            _config(128, 128, 32, 4, 4),
+            _config(128, 64, 64, 4, 4),
+            _config(128, 64, 32, 4, 4),
+            _config(64, 128, 64, 4, 4),
+            _config(64, 64, 64, 4, 4),
+        ]
     return {config_name(c): c for c in cfgs}
 
 
@@ -128,7 +145,11 @@ def conv_bn_act_kernel(
     K = KH * KW * Cin
     w_rows = offs_n * K  # start of each output channel's row of the [Cout, K] weight
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The accumulator starts at the folded-BN shift: adding it here rather than in the epilogue
+    # frees its registers (one per accumulator column a thread holds) before the residual tile
+    # is loaded, which keeps 128x256 tiles with a residual from spilling.
+    bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + bias[None, :]
     if SMALL_CIN:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
@@ -147,25 +168,38 @@ def conv_bn_act_kernel(
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
-        for tap in tl.range(0, KH * KW, flatten=True):
-            ih = ih0 + tap // KW * DIL_H
-            iw = iw0 + tap % KW * DIL_W
+        # One loop over (tap, channel block) pairs (see the module doc), tracked by two
+        # counters rather than by dividing the loop index (an integer division by a runtime
+        # value is some twenty instructions per iteration).
+        x_rows = ((img * H + ih0) * W + iw0) * Cin  # offset of each row's (0, 0) tap pixel
+        tap = 0
+        c0 = 0
+        for _ in range(KH * KW * tl.cdiv(Cin, BLOCK_K)):
+            dh = tap // KW * DIL_H
+            dw = tap % KW * DIL_W
+            ih = ih0 + dh
+            iw = iw0 + dw
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            x_rows = ((img * H + ih) * W + iw) * Cin
-            w_tap = w_rows + tap * Cin
-            for c0 in range(0, Cin, BLOCK_K):
-                c = c0 + offs_k
-                c_ok = c < Cin
-                a_ok = row_ok[:, None] & c_ok[None, :]
-                a = tl.load(x_ptr + (x_rows[:, None] + c[None, :]), mask=a_ok, other=0.0)
-                if HAS_PRE:
-                    a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr)
-                b = tl.load(w_ptr + (w_tap[None, :] + c[:, None]),
-                            mask=c_ok[:, None] & n_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            c = c0 + offs_k
+            c_ok = c < Cin
+            a_ok = row_ok[:, None] & c_ok[None, :]
+            a = tl.load(x_ptr + ((x_rows + (dh * W + dw) * Cin)[:, None] + c[None, :]),
+                        mask=a_ok, other=0.0)
+            if HAS_PRE:
+                a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr)
+            b = tl.load(w_ptr + (w_rows[None, :] + (tap * Cin + c)[:, None]),
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            # Next channel block, or the next tap's first. Branch-free: an `if` here stops the
+            # compiler from software-pipelining the loop. A 1x1 conv keeps tap = 0, so its row
+            # masks and offsets are loop-invariant and hoisted out.
+            c0 += BLOCK_K
+            if KH * KW > 1:
+                next_tap = c0 >= Cin
+                tap += next_tap.to(tl.int32)
+                c0 = tl.where(next_tap, 0, c0)
 
-    # Epilogue in fp32: folded-BN shift, residual, ReLU; one cast and one masked store.
-    acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    # Epilogue in fp32: residual, ReLU; one cast and one masked store.
     y_offs = offs_m[:, None] * Cout + offs_n[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
@@ -175,15 +209,36 @@ def conv_bn_act_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
-def _autotuned(fn):
-    # triton >= 3.2 can keep tuning results on disk across processes; older ones cannot.
+def prune_configs(configs, named_args, **kwargs):
+    """The autotuner's early pruning (``prune_configs_by={"early_config_prune": ...}``): drops the
+    candidates that cannot win for this launch, so tuning time goes to the others. Triton passes
+    the positional arguments as named_args and the keyword ones as kwargs; only Cout is required
+    (tools may call ``prune_configs(configs, {"Cout": 256})``).
+    """
+    args = {**named_args, **kwargs}
+    # A BLOCK_N far wider than Cout is wasted work.
+    widest = max(64, triton.next_power_of_2(args["Cout"]))
+    # An fp32 residual tile takes as many registers as the fp32 accumulator: at 128 accumulator
+    # values per thread the two together spill.
+    fp32_residual = args.get("HAS_RESIDUAL") and args["res_ptr"].dtype == torch.float32
+    kept = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= widest
+            and not (fp32_residual and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 32 * c.num_warps)]
+    return kept or configs
+
+
+def _autotuned(configs):
+    # cache_results keeps the choice on disk across processes where triton supports it.
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-    return triton.autotune(configs=list(conv_configs().values()),
-                           key=["Cin", "Cout", "KH", "KW", "STRIDE_H", "M_BUCKET"], **extra)(fn)
+    return triton.autotune(configs=list(configs.values()),
+                           key=["Cin", "Cout", "KH", "KW", "STRIDE_H", "M_BUCKET"],
+                           prune_configs_by={"early_config_prune": prune_configs},
+                           **extra)(conv_bn_act_kernel)
 
 
-# Autotuning in the interpreter would time numpy; there the one small config is used instead.
-_tuned_kernel = None if _INTERPRET else _autotuned(conv_bn_act_kernel)
+# One autotuner per K path, each with its own candidates. Autotuning in the interpreter would
+# time numpy, so there the one small config is used instead.
+_tuned_kernels = None if INTERPRET else {small: _autotuned(conv_configs(small)) for small in (False, True)}
 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -196,18 +251,17 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     m = n * ho * wo
-    # 32-bit index math must not wrap for any element's offset, nor for the row indices of the
-    # last, partial tile (up to BLOCK_M past M, masked by comparing them with M). Only tensors
-    # that near 2**31 elements pay for 64-bit math.
-    int64_offsets = max(n * cin * h * w, m * cout) >= 2**31 - 2**16
+    int64_offsets = max(n * cin * h * w, m * cout) >= INT32_INDEX_LIMIT
     scalars = dict(M=m, H=h, W=w, Cin=cin, Ho=ho, Wo=wo, Cout=cout,
                    M_BUCKET=triton.next_power_of_2(m))
     constexprs = dict(
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], HAS_RESIDUAL=residual, RELU=relu, HAS_PRE=pre,
         SMALL_CIN=cin < SMALL_CIN, INT64_OFFSETS=int64_offsets,
-        # fp32 follows torch's cuDNN switch (TF32 tensor cores by default); fp16/bf16 ignore it.
-        INPUT_PRECISION="tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee",
+        # fp32 follows torch's cuDNN switch (TF32 tensor cores by default) but as tf32x3: plain
+        # tf32 in tl.dot truncates the operands, and a converted ResNet-50 in fp32 then landed at
+        # 1.6e-2 relative error on an H100 against 8e-4 for cuDNN (2026-11-25). fp16/bf16 ignore it.
+        INPUT_PRECISION="tf32x3" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee",
     )
     return (n, cout, ho, wo), scalars, constexprs
 
@@ -216,11 +270,11 @@ def _resolve_config(config):
     if config is None:
         config = os.environ.get(CONFIG_ENV_VAR) or None
     if isinstance(config, str):
-        configs = conv_configs()
+        configs = {**conv_configs(False), **conv_configs(True)}
         if config not in configs:
             raise ValueError(f"unknown conv config {config!r}; choose one of {list(configs)}")
         config = configs[config]
-    if config is None and _INTERPRET:
+    if config is None and INTERPRET:
         config = INTERPRETER_CONFIG
     return config
 
@@ -246,7 +300,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
         tuple(x.shape), tuple(weight.shape), tuple(stride), tuple(padding), tuple(dilation), x.dtype,
         residual=residual is not None, relu=relu, pre=pre_scale is not None)
     if out is None:
-        out = x.new_empty((n, cout, ho, wo), memory_format=torch.channels_last)
+        out = torch.empty((n, cout, ho, wo), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
     elif out.shape != (n, cout, ho, wo) or out.dtype != x.dtype:
         raise ValueError(f"out must be a {x.dtype} tensor of shape {(n, cout, ho, wo)}, "
                          f"got {out.dtype} {tuple(out.shape)}")
@@ -260,7 +315,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
     args = dict(x_ptr=x, w_ptr=weight, bias_ptr=bias, res_ptr=residual, pre_scale_ptr=pre_scale,
                 pre_bias_ptr=pre_bias, y_ptr=out, **scalars, **constexprs)
     if config is None:
-        _tuned_kernel[grid](**args)
+        _tuned_kernels[constexprs["SMALL_CIN"]][grid](**args)
     else:
         conv_bn_act_kernel[grid](**args, **config.all_kwargs())
     return out

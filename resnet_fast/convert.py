@@ -1,9 +1,17 @@
 """Converting existing ResNets to fused modules, in place, and saying what was fused.
 
-``convert(model)`` swaps every torchvision BasicBlock/Bottleneck for the fused block of
-:mod:`resnet_fast.modules` (sharing, not copying, its submodules and tensors) and gives a
-torchvision ResNet a fused stem, so ``state_dict`` keys and tensors stay exactly the same.
-Modules it cannot handle are left as they are and named in one warning with the reason.
+``convert(model)`` fuses what it can of any model, in two ways that run the same fused unit
+(:func:`resnet_fast.modules.fused_conv`):
+
+* torchvision's BasicBlock/Bottleneck become the drop-in blocks of :mod:`resnet_fast.modules`
+  (sharing, not copying, their submodules and tensors) and a torchvision ResNet gets a fused
+  stem: a fast path for code known in advance, with no tracing;
+* everything else goes through the graph-level converter (:mod:`resnet_fast.fx_fusion`):
+  user-written blocks, blocks without BN, plain and pre-activation blocks, timm models.
+
+``state_dict`` keys, order and tensors stay exactly the same, and the model is converted in
+place (``convert(model) is model``). Modules it cannot convert are left as they are and named,
+with the reason, in one warning; ``fusion_summary(model)`` says what happened to every conv.
 """
 
 from __future__ import annotations
@@ -14,35 +22,21 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, fx_fusion
 from .fold import FoldCache
-from .modules import BasicBlock, Bottleneck, ConvBNAct, _FusedBlock, fused_conv, fusable_downsample, to_nhwc
+from .modules import (FUSED_KINDS, BasicBlock, Bottleneck, ConvBNAct, _FusedBlock, conv_refusal,
+                      fusable_downsample, fused_conv, fused_kinds, norm_kind, to_nhwc)
 
 try:  # torchvision is the reference, not a runtime dependency
     from torchvision.models import resnet as _tv
 except ImportError:  # pragma: no cover - exercised only without torchvision
     _tv = None
 
-FUSED_KINDS = ("bias", "bn", "relu", "residual", "pre_bn_relu")
-
-
-def _fused_kinds(conv: nn.Conv2d, bn, relu: bool, residual: bool = False, pre_bn=None) -> tuple:
-    kinds = []
-    if conv.bias is not None:
-        kinds.append("bias")
-    if bn is not None:
-        kinds.append("bn")
-    if relu:
-        kinds.append("relu")
-    if residual:
-        kinds.append("residual")
-    if pre_bn is not None:
-        kinds.append("pre_bn_relu")
-    return tuple(k for k in FUSED_KINDS if k in kinds)
+__all__ = ["FUSED_KINDS", "FusedResNet", "convert", "fusion_summary", "set_backend"]
 
 
 # --------------------------------------------------------------------------------------
-# torchvision's ResNet with a fused stem
+# torchvision's ResNet with a fused stem (the fast path)
 # --------------------------------------------------------------------------------------
 if _tv is not None:
 
@@ -50,7 +44,8 @@ if _tv is not None:
         """torchvision's ResNet whose stem conv1 → bn1 → relu runs as one fused op in eval().
 
         ``convert`` gives an existing ResNet this class in place (its state is untouched);
-        in eval() the input is converted to channels_last once, here, for the whole model.
+        in eval() the input is converted to channels_last once, here, for the whole model
+        (torchvision's forward is known to be indifferent to memory format).
         """
 
         def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,80 +64,110 @@ if _tv is not None:
             return self.fc(x)
 
         def fusion_rows(self):
-            return [("conv1", _fused_kinds(self.conv1, self.bn1, True), None)]
+            return [("conv1", fused_kinds(self.conv1, self.bn1, True), None)]
 
     _TV_BLOCKS = {_tv.BasicBlock: BasicBlock, _tv.Bottleneck: Bottleneck}
 else:  # pragma: no cover
     FusedResNet = None
     _TV_BLOCKS = {}
 
-
-def _block_rows(block: _FusedBlock):
-    rows = []
-    for i, (c, b) in enumerate(block._units):
-        last = i == len(block._units) - 1
-        rows.append((c, _fused_kinds(getattr(block, c), getattr(block, b), True, residual=last), None))
-    if block.downsample is not None:
-        ds = fusable_downsample(block.downsample)
-        if ds is not None:
-            rows.append(("downsample.0", _fused_kinds(ds[0], ds[1], False), None))
-    return rows
+#: modules that run fused units themselves, with a `backend` attribute
+_FAST_PATH = tuple(t for t in (_FusedBlock, ConvBNAct, FusedResNet) if t is not None)
 
 
-_FusedBlock.fusion_rows = _block_rows
-ConvBNAct.fusion_rows = lambda self: [("conv", _fused_kinds(self.conv, self.bn, self.relu,
-                                                            pre_bn=self.pre_bn), None)]
+def _convert_torchvision(model: nn.Module, backend: Optional[str], problems: dict) -> set:
+    """The fast path, in place; returns the torchvision blocks it had to leave alone."""
+    refused = set()
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            new_cls = _TV_BLOCKS.get(type(child))
+            if new_cls is None:
+                continue
+            why = _why_not_block(child)
+            if why:
+                problems[f"{parent_name}.{name}" if parent_name else name] = why
+                refused.add(child)
+                continue
+            setattr(parent, name, new_cls.from_torchvision(child, backend=backend))
+    # a stem the fast path cannot fuse is left to the graph-level converter, which says why
+    if _tv is not None and type(model) is _tv.ResNet and _why_not_pair(model, "conv1", "bn1") is None:
+        model.__class__ = FusedResNet
+        model._stem_fold = FoldCache()
+    return refused
+
+
+def _why_not_block(block: nn.Module) -> Optional[str]:
+    pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    if fusable_downsample(block.downsample) is not None:
+        pairs.append(("downsample.0", "downsample.1"))
+    for conv, bn in pairs:
+        why = _why_not_pair(block, conv, bn) if hasattr(block, conv) else None
+        if why:
+            return why
+    return None
+
+
+def _why_not_pair(m: nn.Module, conv: str, bn: str) -> Optional[str]:
+    """Why the fast path cannot fuse m's conv and BN (named as in m), or None: the rules of
+    the fused unit, as for the graph-level converter; and a BN with an activation of its own
+    does not fit torchvision's code."""
+    why = conv_refusal(m.get_submodule(conv))
+    if why:
+        return f"{conv}: {why}"
+    norm = m.get_submodule(bn)
+    relu, why = norm_kind(norm)
+    if relu is None or relu:
+        return f"{bn} is a {type(norm).__name__}, which " + (why or "applies an activation of its own")
+    return None
 
 
 # --------------------------------------------------------------------------------------
 # convert / set_backend / fusion_summary
 # --------------------------------------------------------------------------------------
 def convert(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
-    """Fuse ``model``'s stem and blocks in place and return it (see the module doc)."""
+    """Fuse ``model``'s convs with their BatchNorm, ReLU, residual add and pre-activation, in
+    place, and return it (see the module doc). ``backend``: see :func:`set_backend`."""
     backend = backends.validate_name(backend)
-    skipped: list[str] = []
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            new_cls = _TV_BLOCKS.get(type(child))
-            if new_cls is None:
-                continue
-            qual = f"{parent_name}.{name}" if parent_name else name
-            why = _why_not_block(child)
-            if why:
-                skipped.append(f"{qual} ({why})")
-                continue
-            setattr(parent, name, new_cls.from_torchvision(child, backend=backend))
-    if _tv is not None and type(model) is _tv.ResNet:
-        model.__class__ = FusedResNet
-        model._stem_fold = FoldCache()
+    problems: dict[str, str] = {}  # qualified name -> why (what the warning says)
+    notes: dict[str, str] = {}     # qualified name -> why its convs stay unfused
+    refused = _convert_torchvision(model, backend, problems)
+
+    def leave(m: nn.Module) -> Optional[str]:
+        if m in refused or isinstance(m, (_FusedBlock, ConvBNAct)):
+            return "subtree"
+        if FusedResNet is not None and isinstance(m, FusedResNet):
+            return "self"
+        return None
+
+    fx_fusion.convert_graphs(model, leave, notes, problems)
+    notes.update({k: v for k, v in problems.items() if k not in notes})
+    model.__dict__["_resnet_fast_notes"] = notes
     set_backend(model, backend)
-    if skipped:
-        warnings.warn("resnet_fast.convert left these modules unfused: " + "; ".join(skipped),
-                      stacklevel=2)
-    model._resnet_fast_skipped = skipped
+    reported = _costly(model, problems)
+    if reported:
+        warnings.warn("resnet_fast.convert left these modules unfused: " + "; ".join(
+            f"{name or type(model).__name__} ({why})" for name, why in reported.items()), stacklevel=2)
     return model
 
 
-def _why_not_block(block: nn.Module) -> Optional[str]:
-    for name in ("conv1", "conv2", "conv3"):
-        conv = getattr(block, name, None)
-        if conv is not None and (conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
-            return f"{name} uses padding_mode={conv.padding_mode!r}/padding={conv.padding!r}"
-    for name in ("bn1", "bn2", "bn3"):
-        bn = getattr(block, name, None)
-        if bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            return f"{name} is a {type(bn).__name__}, not a BatchNorm"
-        if bn is not None and not bn.track_running_stats:
-            return f"{name} does not track running statistics, so it cannot be folded"
-    return None
+def _costly(model: nn.Module, problems: dict[str, str]) -> dict[str, str]:
+    """The problems that left a conv unfused (an untraceable module holding no conv, or whose
+    convs were all converted below it, costs nothing worth a warning)."""
+    unfused = [r["name"] for r in fusion_summary(model) if not r["fused"]]
+    return {name: why for name, why in problems.items()
+            if any(c == name or not name or c.startswith(name + ".") for c in unfused)}
 
 
 def set_backend(model: nn.Module, name: Optional[str]) -> nn.Module:
     """Make every fused module of ``model`` run on backend ``name`` (None: the default)."""
     name = backends.validate_name(name)
+    value = None if name == "auto" else name
     for m in model.modules():
-        if isinstance(m, (_FusedBlock, ConvBNAct)) or (FusedResNet is not None and isinstance(m, FusedResNet)):
-            m.backend = None if name == "auto" else name
+        fg = fx_fusion.fused_graph_of(m)
+        if fg is not None:
+            fg.backend = value
+        elif isinstance(m, _FAST_PATH):
+            m.backend = value
     return model
 
 
@@ -158,7 +183,11 @@ class FusionSummary(list):
 
 
 def fusion_summary(model: nn.Module) -> FusionSummary:
-    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason"} (see FUSED_KINDS)."""
+    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason"} (see FUSED_KINDS).
+
+    "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
+    (empty when none); "reason" None, or why it is not (or not fully) fused.
+    """
     covered = {}
     for prefix, m in model.named_modules():
         rows = getattr(m, "fusion_rows", None)
@@ -166,10 +195,22 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
             continue
         for local, fused, reason in rows():
             covered[f"{prefix}.{local}" if prefix else local] = (fused, reason)
+    notes = model.__dict__.get("_resnet_fast_notes", {})
     out = FusionSummary()
     for name, m in model.named_modules():
         if not isinstance(m, nn.Conv2d):
             continue
-        fused, reason = covered.get(name, ((), "not part of a recognised conv pattern"))
+        fused, reason = covered.get(name, ((), None))
+        if not fused and reason is None:
+            reason = _nearest_note(notes, name) or "not part of a recognised conv pattern"
         out.append({"name": name, "fused": fused, "reason": reason})
     return out
+
+
+def _nearest_note(notes: dict[str, str], name: str) -> Optional[str]:
+    while True:
+        if name in notes:
+            return notes[name]
+        if not name:
+            return None
+        name = name.rpartition(".")[0]

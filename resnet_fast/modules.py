@@ -9,6 +9,7 @@ on the module's backend, with the folded weights from a never-stale :class:`Fold
 
 from __future__ import annotations
 
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -24,18 +25,20 @@ _BN = nn.modules.batchnorm._BatchNorm
 # --------------------------------------------------------------------------------------
 # The fused unit (the one piece of code every converted module runs its convs through)
 # --------------------------------------------------------------------------------------
-def _needs_reference(x: torch.Tensor, residual, modules) -> Optional[str]:
-    """Why this call must run the exact reference math instead of the fused kernels, or None."""
+def _needs_reference(tensors, modules) -> Optional[str]:
+    """Why a call on ``tensors`` through ``modules`` must run the exact reference math instead
+    of the fused kernels, or None. Non-tensors (and None) among ``tensors`` are ignored."""
     for m in modules:
         if m is not None and m.training:
             return "train mode"
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled():
-        if x.requires_grad or (residual is not None and residual.requires_grad):
+        if any(t.requires_grad for t in tensors):
             return "autograd"
         for m in modules:
             if m is not None and any(p.requires_grad for p in m.parameters(recurse=False)):
                 return "autograd"
-    if torch.is_autocast_enabled(x.device.type):
+    if tensors and torch.is_autocast_enabled(tensors[0].device.type):
         return "autocast"
     return None
 
@@ -47,6 +50,17 @@ _WHY_REFERENCE = {
     "autocast": ("resnet_fast: forward under autocast runs the reference math; cast the model "
                  "with .half()/.bfloat16() instead to run the fused kernels"),
 }
+
+
+def reference_reason(tensors, modules) -> Optional[str]:
+    """:func:`_needs_reference`, telling the user once when the reason is one they can act on.
+
+    The one rule every fused module follows to choose between its fused and its exact path.
+    """
+    why = _needs_reference(tensors, modules)
+    if why in _WHY_REFERENCE:
+        say_once(_WHY_REFERENCE[why])
+    return why
 
 
 def to_nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -61,10 +75,7 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
     eval(): one fused op on the backend with folded weights. Otherwise: the modules' own
     forward, so BatchNorm's training semantics and autograd are exactly torch's.
     """
-    why = _needs_reference(x, residual, (conv, bn, pre_bn))
-    if why is not None:
-        if why in _WHY_REFERENCE:
-            say_once(_WHY_REFERENCE[why])
+    if reference_reason((x, residual), (conv, bn, pre_bn)) is not None:
         if pre_bn is not None:
             x = torch.relu(pre_bn(x))
         y = conv(x)
@@ -91,6 +102,79 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
         residual = to_nhwc(residual) if residual is not None else None
     return ops.conv_bn_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
                            residual, relu, pre_scale, pre_bias, backend=be)
+
+
+#: what a fused unit can absorb around its conv, in the order fusion_summary lists them
+FUSED_KINDS = ("bias", "bn", "relu", "residual", "pre_bn_relu")
+
+
+def fused_kinds(conv: nn.Conv2d, bn: Optional[_BN], relu: bool, residual: bool = False,
+                pre_bn: Optional[_BN] = None) -> tuple:
+    """The FUSED_KINDS one fused_conv call covers (a row of fusion_summary)."""
+    present = {"bias": conv.bias is not None, "bn": bn is not None, "relu": relu,
+               "residual": residual, "pre_bn_relu": pre_bn is not None}
+    return tuple(k for k in FUSED_KINDS if present[k])
+
+
+# --------------------------------------------------------------------------------------
+# What the fused unit accepts (one set of rules for every converter)
+# --------------------------------------------------------------------------------------
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling m runs hooks: fusing it, or tracing through it, would skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _loaded_type(module: str, name: str):
+    # never import timm or torchvision for this: a model holding their layers already did
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None)
+
+
+def _bn_act_type():
+    return _loaded_type("timm.layers", "BatchNormAct2d")
+
+
+def special_leaf(m: nn.Module) -> bool:
+    """Norm layers outside torch.nn that fused_conv folds (timm's BatchNormAct2d,
+    torchvision's FrozenBatchNorm2d): converters keep them whole."""
+    return type(m) in {_bn_act_type(), _loaded_type("torchvision.ops.misc", "FrozenBatchNorm2d")} - {None}
+
+
+def conv_refusal(m: nn.Module) -> Optional[str]:
+    """Why this conv cannot be fused_conv's conv, or None."""
+    if type(m) is not nn.Conv2d:
+        return f"{type(m).__name__} is not a plain nn.Conv2d (it has a forward of its own)"
+    if has_hooks(m):
+        return "it has hooks, which a fused op would skip"
+    if isinstance(m.padding, str):
+        return f"padding={m.padding!r} is not supported by the fused conv"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} is not supported by the fused conv"
+    return None
+
+
+def norm_kind(m: nn.Module) -> tuple[Optional[bool], Optional[str]]:
+    """What a module next to a conv is, as far as fused_conv's ``bn``/``pre_bn`` go:
+    (applies_relu, None) for a BatchNorm it folds (applies_relu: timm's BatchNormAct2d with
+    its ReLU, which the caller must then fuse too); (None, why) for a norm it cannot fold,
+    ``why`` completing "a <Type>, which ..."; (None, None) for anything else."""
+    relu = False
+    if type(m) is _bn_act_type():
+        if type(m.drop) is not nn.Identity or type(m.act) not in (nn.Identity, nn.ReLU) \
+                or has_hooks(m.drop) or has_hooks(m.act):
+            return None, (f"applies {type(m.act).__name__}/{type(m.drop).__name__}, "
+                          "which the fused op cannot")
+        relu = type(m.act) is nn.ReLU
+    elif type(m) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not special_leaf(m):
+        if "norm" in type(m).__name__.lower():
+            return None, "cannot be folded into a conv"
+        return None, None
+    if has_hooks(m):
+        return None, "has hooks, which a fused op would skip"
+    if getattr(m, "running_mean", None) is None or getattr(m, "track_running_stats", True) is False:
+        return None, "does not track running statistics, so it cannot be folded"
+    return relu, None
 
 
 def _conv_padding(conv: nn.Conv2d):
@@ -128,6 +212,10 @@ class ConvBNAct(nn.Module):
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend or 'default'}"
 
+    def fusion_rows(self):
+        """(conv name, fused kinds, reason) for fusion_summary."""
+        return [("conv", fused_kinds(self.conv, self.bn, self.relu, pre_bn=self.pre_bn), None)]
+
 
 def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """y in x's memory format (the fused path computes NHWC; an NCHW caller gets NCHW back)."""
@@ -139,7 +227,7 @@ def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def fusable_downsample(ds: Optional[nn.Module]):
     """(conv, bn) when ds is the usual Sequential(conv1x1, BatchNorm), else None."""
     if (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-            and isinstance(ds[1], _BN)):
+            and norm_kind(ds[1]) == (False, None)):
         return ds[0], ds[1]
     return None
 
@@ -171,7 +259,7 @@ class _FusedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mods = [getattr(self, n) for pair in self._units for n in pair]
-        if _needs_reference(x, None, mods) is not None:
+        if _needs_reference((x,), mods) is not None:
             return self._reference_forward(x)
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of "
@@ -197,6 +285,17 @@ class _FusedBlock(nn.Module):
         out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
                          relu=True, residual=identity, backend=self.backend)
         return _like_input(out, entry)
+
+    def fusion_rows(self):
+        """(conv name, fused kinds, reason) for fusion_summary, one per conv this block fuses."""
+        rows = []
+        for i, (c, b) in enumerate(self._units):
+            last = i == len(self._units) - 1
+            rows.append((c, fused_kinds(getattr(self, c), getattr(self, b), True, residual=last), None))
+        ds = fusable_downsample(self.downsample)
+        if ds is not None:
+            rows.append(("downsample.0", fused_kinds(ds[0], ds[1], False), None))
+        return rows
 
     @classmethod
     def from_torchvision(cls, block: nn.Module, backend: Optional[str] = None):

@@ -102,3 +102,17 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
                  logging.WARNING)
         return get("torch")
     return be
+
+
+def _import_all() -> None:
+    # Import every backend now, not on first use: a lazy importlib call inside a forward breaks
+    # torch.compile(fullgraph=True) when the first call of a model is the compiled one. A backend
+    # that fails to import stays unavailable, with the reason, through `available`.
+    for name in _REGISTRY:
+        try:
+            get(name)
+        except Exception:  # noqa: BLE001 - reported by available()
+            pass
+
+
+_import_all()

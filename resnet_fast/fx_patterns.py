@@ -1,0 +1,359 @@
+"""The patterns the graph-level converter fuses, found in the torch.fx graph of one module.
+
+A *unit* is what one fused op computes (the contract of :func:`resnet_fast.ops.conv_bn_act`):
+
+    [relu(bn_pre(z)) →] conv(+bias) [→ BN] [→ + residual] [→ ReLU]
+
+with ReLU written as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or in place (``inplace=True``,
+``relu_``), the add as ``+``, ``+=``, ``torch.add``, ``operator.iadd`` or ``.add(_)``, a
+BatchNorm that tracks running statistics (timm's ``BatchNormAct2d`` counts as BN + ReLU, and
+torchvision's ``FrozenBatchNorm2d`` as BN).
+
+This module only reads a graph and says what to fuse (:func:`find_units`); rewriting it is
+:mod:`resnet_fast.fx_fusion`'s job. The rules that keep a rewrite exact:
+
+* A node joins a unit only when the value before it is read by that node alone: nothing else
+  may see an intermediate the fused op never materialises. That is also what makes in-place
+  ReLUs and adds safe to fuse: the tensor they overwrite has no other reader.
+* An in-place add fuses only its destination (``out += r`` fuses ``out``; ``r += out`` writes
+  into ``r``, which may be the block's input, so it stays).
+* The fused op reads its inputs where the unit's last node was. A unit is refused when a node
+  in between may write in place (an in-place op, or a module the trace does not see into).
+* A BatchNorm after a conv folds into that conv (epilogue); only a BN that is not a conv's
+  epilogue becomes a prologue of the convs it feeds (pre-activation). It does so only when its
+  BN+ReLU output feeds nothing but convs: a tensor also needed elsewhere (a shortcut, say) is
+  computed once anyway, and convs reading it is cheaper than each recomputing it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import conv_refusal, fused_kinds, has_hooks, norm_kind, special_leaf
+
+Node = fx.Node
+
+# --------------------------------------------------------------------------------------
+# What a node is
+# --------------------------------------------------------------------------------------
+_RELU_FUNCTIONS = {F.relu: False, torch.relu: False, F.relu_: True, torch.relu_: True}
+_RELU_METHODS = {"relu": False, "relu_": True}
+_ADD_FUNCTIONS = {operator.add: False, torch.add: False, operator.iadd: True}
+_ADD_METHODS = {"add": False, "add_": True}
+_INPLACE_OPERATORS = {getattr(operator, f"i{n}") for n in (
+    "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift",
+    "rshift", "matmul")} | {operator.setitem}
+
+
+def _module(node: Node, modules) -> Optional[nn.Module]:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def _one_input(node: Node) -> Optional[Node]:
+    """The node's single tensor argument when it is called with exactly that."""
+    if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], Node):
+        return node.args[0]
+    return None
+
+
+def relu_input(node: Node, modules) -> Optional[Node]:
+    """The input of a ReLU node (any of its spellings), or None."""
+    m = _module(node, modules)
+    if m is not None:
+        return _one_input(node) if type(m) is nn.ReLU and not has_hooks(m) else None
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        args, kwargs = node.args, dict(node.kwargs)
+        if len(args) == 2 and node.target is F.relu:
+            kwargs["inplace"] = args[1]
+            args = args[:1]
+        if len(args) == 1 and isinstance(args[0], Node) and set(kwargs) <= {"inplace"} \
+                and isinstance(kwargs.get("inplace", False), bool):
+            return args[0]
+        return None
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return _one_input(node)
+    return None
+
+
+def add_operands(node: Node) -> Optional[tuple[Node, Node, bool]]:
+    """(a, b, in_place) for a tensor + tensor node, or None. In place: a is overwritten."""
+    if node.op == "call_function" and node.target in _ADD_FUNCTIONS:
+        inplace = _ADD_FUNCTIONS[node.target]
+    elif node.op == "call_method" and node.target in _ADD_METHODS:
+        inplace = _ADD_METHODS[node.target]
+    else:
+        return None
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(a, Node) for a in node.args):
+        return None
+    a, b = node.args
+    return (a, b, inplace) if a is not b else None
+
+
+def mutates(node: Node, modules) -> bool:
+    """Whether the node may write into a tensor it did not create (conservative)."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return (node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True
+                or (name.endswith("_") and not name.startswith("_"))
+                or (node.target is F.relu and len(node.args) > 1 and node.args[1] is True))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_module":
+        m = modules[node.target]
+        simple = (type(m).__module__.startswith("torch.nn.") and not any(True for _ in m.children())) \
+            or special_leaf(m)
+        # a module we cannot see into (a block, a container of blocks) might write its input
+        return getattr(m, "inplace", False) is True if simple else True
+    return False
+
+
+@dataclass
+class Norm:
+    """A BatchNorm node that can be folded: the module, and whether it applies a ReLU itself."""
+    node: Node
+    module: nn.Module
+    relu: bool
+
+    @property
+    def channels(self) -> int:
+        return self.module.running_mean.shape[0]  # FrozenBatchNorm2d has no num_features
+
+
+def foldable_norm(node: Node, modules) -> tuple[Optional[Norm], Optional[str]]:
+    """(Norm, None) for a BatchNorm node that folds; (None, why) for a norm that does not;
+    (None, None) for anything else."""
+    m = _module(node, modules)
+    if m is None or _one_input(node) is None:
+        return None, None
+    relu, why = norm_kind(m)
+    if relu is None:
+        return None, why and f"it is followed by a {type(m).__name__}, which {why}"
+    return Norm(node, m, relu), None
+
+
+# --------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------
+@dataclass
+class Prologue:
+    """BN (+ ReLU) in front of convs: ``relu(bn(z))``; ``relu`` is None for BatchNormAct2d."""
+    norm: Norm
+    relu: Optional[Node]
+
+    @property
+    def z(self) -> Node:
+        return self.norm.node.args[0]
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [self.norm.node] + ([self.relu] if self.relu is not None else [])
+
+
+@dataclass
+class Unit:
+    """One conv and what fuses around it; ``nodes`` are replaced by one fused call."""
+    conv: Node
+    module: nn.Conv2d
+    bn: Optional[Norm] = None
+    relu: bool = False
+    add: Optional[Node] = None      # the residual add, whose other operand is the residual
+    pre: Optional[Prologue] = None
+    nodes: list[Node] = field(default_factory=list)  # conv [, bn] [, add] [, relu], in order
+
+    @property
+    def out(self) -> Node:
+        return self.nodes[-1]
+
+    @property
+    def x(self) -> Node:
+        """What the fused op reads: the conv's input, or the prologue BN's input."""
+        return self.pre.z if self.pre is not None else self.conv.args[0]
+
+    @property
+    def residual(self) -> Optional[Node]:
+        """The add's other operand (read live: rewriting an earlier unit may replace it)."""
+        if self.add is None:
+            return None
+        a, b = self.add.args
+        return b if a in self.nodes else a
+
+    @property
+    def fuses_anything(self) -> bool:
+        return self.bn is not None or self.relu or self.add is not None or self.pre is not None
+
+    def kinds(self) -> tuple:
+        return fused_kinds(self.module, self.bn.module if self.bn else None, self.relu,
+                           self.add is not None, self.pre.norm.module if self.pre else None)
+
+
+@dataclass
+class Plan:
+    """What :func:`find_units` found in one graph."""
+    units: list[Unit]
+    #: conv target -> (fused kinds, reason it is not fused or None), one per conv called
+    rows: dict[str, tuple[tuple, Optional[str]]]
+    #: conv target -> why a fusion it asks for is refused (reported by convert's warning)
+    issues: dict[str, str]
+    #: the graph adds two tensors: a residual block, converted as a unit of its own
+    is_block: bool
+    #: the graph calls convs, BNs or ReLUs directly (worth inlining into its parent's graph)
+    has_candidates: bool
+
+
+def _only_user(node: Node) -> Optional[Node]:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _describe(node: Node, modules) -> str:
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_method":
+        return f".{node.target}()"
+    return "the module's output" if node.op == "output" else node.op
+
+
+class _Graph:
+    """Positions, conv depths and possible in-place writers of one graph."""
+
+    def __init__(self, graph: fx.Graph, modules):
+        self.modules = modules
+        self.nodes = list(graph.nodes)
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        self.writers = [n for n in self.nodes if mutates(n, modules)]
+        # convs on the longest path to each node: a residual add's deeper operand is the
+        # main path, the one torchvision (and everyone) fuses the add into
+        self.depth: dict[Node, int] = {}
+        for n in self.nodes:
+            d = max((self.depth[a] for a in n.all_input_nodes), default=0)
+            self.depth[n] = d + (isinstance(_module(n, modules), nn.Conv2d))
+
+    def safe(self, first: Node, last: Node, own) -> bool:
+        """No node strictly between first and last (other than ``own``) may write in place."""
+        lo, hi = self.pos[first], self.pos[last]
+        return not any(lo < self.pos[w] < hi and w not in own for w in self.writers)
+
+
+def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> Plan:
+    """The units to fuse in ``graph`` (a trace of the module whose named_modules() is
+    ``modules``), and a row for every conv it calls. See the module doc for the rules."""
+    g = _Graph(graph, modules)
+    convs = [n for n in g.nodes if isinstance(_module(n, modules), nn.Conv2d)]
+    units: dict[Node, Unit] = {}
+    reasons: dict[Node, str] = {}
+    issues: dict[str, str] = {}
+
+    # epilogues: conv [→ BN] [→ ReLU]
+    for c in convs:
+        m = modules[c.target]
+        why = conv_refusal(m) or (None if _one_input(c) is not None else "it is called with extra arguments")
+        if why:
+            reasons[c] = issues[c.target] = why
+            continue
+        u = units[c] = Unit(c, m, nodes=[c])
+        nxt = _only_user(c)
+        if nxt is not None:
+            norm, why = foldable_norm(nxt, modules)
+            if norm is not None and norm.channels == m.out_channels and g.safe(c, nxt, ()):
+                u.bn, u.relu = norm, norm.relu
+                u.nodes.append(nxt)
+            elif why:
+                issues[c.target] = why
+        if not u.relu:
+            _take_relu(u, g)
+
+    # residuals: unit → + r [→ ReLU]
+    for n in g.nodes:
+        ops = add_operands(n)
+        if ops is None:
+            continue
+        a, b, inplace = ops
+        cands = [(u, other) for u, other in ((_unit_ending(units, a, n), b), (_unit_ending(units, b, n), a))
+                 if u is not None and not u.relu and other not in u.nodes]
+        if inplace:  # only the destination of an in-place add can take it
+            cands = [(u, other) for u, other in cands if u.out is a]
+        cands.sort(key=lambda c: (g.depth[c[0].conv], g.pos[c[0].out]), reverse=True)
+        for u, other in cands:
+            if g.safe(u.conv, n, u.nodes):
+                u.add = n
+                u.nodes.append(n)
+                _take_relu(u, g)
+                break
+
+    # prologues: BN → ReLU → convs (only where the BN is no conv's epilogue)
+    epilogue_bns = {u.bn.node for u in units.values() if u.bn is not None}
+    for n in g.nodes:
+        if n in epilogue_bns:
+            continue
+        norm, _ = foldable_norm(n, modules)
+        if norm is None:
+            continue
+        relu = None
+        if not norm.relu:
+            relu = _only_user(n)
+            if relu is None or relu_input(relu, modules) is not n:
+                continue
+        pre = Prologue(norm, relu)
+        act = relu if relu is not None else n
+        readers = list(act.users)
+        takers = [units.get(r) for r in readers]
+        ok = readers and all(u is not None and u.conv.args[0] is act and u.pre is None
+                             and u.module.in_channels == norm.channels
+                             and g.safe(n, u.out, u.nodes + pre.nodes) for u in takers)
+        if ok:
+            for u in takers:
+                u.pre = pre
+        else:
+            for u in takers:
+                if u is not None and u.conv.args[0] is act:
+                    reasons.setdefault(u.conv, "its BN+ReLU input is also used elsewhere, so it is "
+                                                "computed once and read")
+
+    rows: dict[str, tuple[tuple, Optional[str]]] = {}
+    fused = [u for u in units.values() if u.fuses_anything]
+    for u in fused:
+        rows.setdefault(u.conv.target, (u.kinds(), None))
+    for c in convs:
+        if c.target not in rows:
+            rows[c.target] = ((), reasons.get(c) or issues.get(c.target) or _why_nothing(c, modules))
+    return Plan(
+        units=sorted(fused, key=lambda u: g.pos[u.out]),
+        rows=rows,
+        issues={t: why for t, why in issues.items() if not rows[t][0]},
+        is_block=any(add_operands(n) is not None for n in g.nodes),
+        has_candidates=any(isinstance(_module(n, modules), nn.Conv2d)
+                           or foldable_norm(n, modules)[0] is not None
+                           or relu_input(n, modules) is not None for n in g.nodes),
+    )
+
+
+def _unit_ending(units: dict[Node, Unit], node: Node, reader: Node) -> Optional[Unit]:
+    """The unit whose output is ``node`` when ``reader`` is its only reader."""
+    if _only_user(node) is not reader:
+        return None
+    for u in units.values():
+        if u.out is node:
+            return u
+    return None
+
+
+def _take_relu(u: Unit, g: _Graph) -> None:
+    nxt = _only_user(u.out)
+    if nxt is not None and relu_input(nxt, g.modules) is u.out and g.safe(u.conv, nxt, u.nodes):
+        u.relu = True
+        u.nodes.append(nxt)
+
+
+def _why_nothing(c: Node, modules) -> str:
+    users = list(c.users)
+    if len(users) != 1:
+        return f"its output has {len(users)} readers, so nothing after it can be fused"
+    return f"nothing to fuse: its output goes to {_describe(users[0], modules)}"

@@ -1,0 +1,141 @@
+"""The distinct convolutions of a model, as the converted model runs them.
+
+The model is built with random weights on the meta device (no memory, no compute), converted
+with :func:`resnet_fast.convert`, and run once in train() mode (the reference path calls every
+nn.Conv2d) with forward pre-hooks recording each conv's input shape. Which epilogue a conv gets
+(BN, ReLU, residual, pre-activation) comes from :func:`resnet_fast.fusion_summary`; convs the
+summary leaves unfused are returned separately with its reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+#: the epilogue string of a layer: the fused kinds after the GEMM, joined by "+", or "none"
+_EPILOGUE_PARTS = (("pre_bn_relu", "pre"), ("residual", "residual"), ("relu", "relu"))
+
+
+def epilogue_name(fused) -> str:
+    parts = [short for kind, short in _EPILOGUE_PARTS if kind in fused]
+    return "+".join(parts) or "none"
+
+
+def build_model(name: str) -> nn.Module:
+    """``resnet50`` (any torchvision classification model), ``timm:NAME``, or
+    ``package.module:callable``; random weights, on the meta device."""
+    with torch.device("meta"):
+        if name.startswith("timm:"):
+            import timm
+            return timm.create_model(name[5:], pretrained=False)
+        if ":" in name:
+            mod, attr = name.split(":", 1)
+            return getattr(importlib.import_module(mod), attr)()
+        import torchvision
+        return torchvision.models.get_model(name, weights=None)
+
+
+def layer_label(layer: dict) -> str:
+    kh, kw = layer["kernel"]
+    g = f" g{layer['groups']}" if layer.get("groups", 1) != 1 else ""
+    return (f"{layer['cin']}->{layer['cout']} {kh}x{kw}/s{layer['stride'][0]}{g} "
+            f"{layer['h']}x{layer['w']} {layer['epilogue']}")
+
+
+def _pair(v) -> list[int]:
+    if isinstance(v, int):
+        return [v, v]
+    v = list(v)
+    return [v[0], v[0]] if len(v) == 1 else [int(v[0]), int(v[1])]
+
+
+def normalize_layer(layer: dict, batch: Optional[int] = None) -> dict:
+    """A layer dict with every key the report uses, from this module's layers or from
+    benchmarks/ rows (``in_hw``/``out_hw``, ``kernel`` as an int or pair)."""
+    d = dict(layer)
+    if batch is not None and "batch" not in d:
+        d["batch"] = int(batch)
+    if "batch" not in d:
+        raise ValueError("the layer dict has no batch; pass batch=")
+    d["kernel"] = _pair(d["kernel"])
+    for k, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+        d[k] = _pair(d.get(k, default))
+    d.setdefault("groups", 1)
+    if "h" not in d:
+        d["h"], d["w"] = _pair(d["in_hw"])
+    if "ho" not in d:
+        if "out_hw" in d:
+            d["ho"], d["wo"] = _pair(d["out_hw"])
+        else:
+            from ..ops import conv_output_hw
+            d["ho"], d["wo"] = conv_output_hw(d["h"], d["w"], *d["kernel"], d["stride"], d["padding"], d["dilation"])
+    d.setdefault("epilogue", "relu")
+    return d
+
+
+def _key(layer: dict) -> tuple:
+    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in layer.items()
+                 if k not in ("names", "count"))
+
+
+def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 224,
+                    in_channels: int = 3) -> tuple[list[dict], list[dict]]:
+    """(layers, unfused): one dict per distinct conv (shape + epilogue), in forward order, with
+    the names of every conv of that kind; and {"name", "reason"} for convs left unfused."""
+    from .. import convert, fusion_summary
+
+    if isinstance(model, str):
+        model = build_model(model)
+    model = model.to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert(model)
+    summary = {r["name"]: r for r in fusion_summary(model)}
+    shapes: dict[str, tuple] = {}
+
+    def record(name):
+        def hook(module, args):
+            shapes.setdefault(name, tuple(args[0].shape))  # returns None: the input is unchanged
+        return hook
+
+    hooks = [mod.register_forward_pre_hook(record(name))
+             for name, mod in model.named_modules() if isinstance(mod, nn.Conv2d)]
+    try:
+        model.train()  # the reference path: every nn.Conv2d's own forward runs (and its hook)
+        with torch.no_grad():
+            model(torch.empty(batch, in_channels, resolution, resolution, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+
+    layers: dict[tuple, dict] = {}
+    unfused = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        row = summary.get(name, {"fused": (), "reason": "not in the fusion summary"})
+        if row["reason"]:
+            unfused.append({"name": name, "reason": row["reason"]})
+            continue
+        if name not in shapes:
+            unfused.append({"name": name, "reason": "not reached by the forward pass"})
+            continue
+        n, c, h, w = shapes[name]
+        layer = normalize_layer({
+            "cin": c, "cout": mod.out_channels, "kernel": list(mod.kernel_size),
+            "stride": list(mod.stride), "padding": list(mod.padding), "dilation": list(mod.dilation),
+            "groups": mod.groups, "h": h, "w": w, "batch": n,
+            "epilogue": epilogue_name(row["fused"])})
+        k = _key(layer)
+        if k in layers:
+            layers[k]["names"].append(name)
+            layers[k]["count"] += 1
+        else:
+            layer["names"] = [name]
+            layer["count"] = 1
+            layers[k] = layer
+    return list(layers.values()), unfused

@@ -1,0 +1,88 @@
+"""Smoke test of the benchmark report's CPU path: a tiny config through every section, then
+the JSON's keys and the PNG. The GPU figures come from real runs, not from here."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # plain `pytest` from elsewhere: benchmarks/ is not installed
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def one_thread():
+    # two shared cores: one thread keeps the tiny run from fighting itself
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_report_cpu_path(tmp_path, one_thread):
+    pytest.importorskip("torchvision")
+    from benchmarks import report
+
+    out = tmp_path / "results"
+    rep = report.main(["--device", "cpu", "--model", "resnet18", "--batch", "1", "--resolution", "64",
+                       "--backends", "torch", "--quick", "--out", str(out)])
+    jpath = out / "cpu_resnet18_b1_fp32_r64.json"
+    assert rep["files"]["json"] == str(jpath)
+    assert (out / "cpu_resnet18_b1_fp32_r64.png").exists()
+    d = json.loads(jpath.read_text())
+
+    assert d["complete"] is True and d["gpu_figures"] is False
+    assert "NO GPU FIGURES" in d["note"]
+    for k in ("torch", "torchvision", "triton", "python", "commit", "dirty", "command", "timestamp_utc"):
+        assert k in d["env"], k
+    assert d["config"]["model"] == "resnet18" and d["config"]["batch"] == 1
+    assert d["peaks"]["matmul_tflops"] > 0 and d["peaks"]["copy_gbps"] > 0
+    assert len(d["fusion_summary"]) == 20 and all(r["fused"] for r in d["fusion_summary"])
+    assert d["backends"]["torch"]["available"] is True
+
+    lay = d["layers"]
+    assert lay["peers"] == ["eager_nchw", "eager_cl", "rf_torch"]
+    assert sum(r["multiplicity"] for r in lay["rows"]) == 20
+    for r in lay["rows"]:
+        for p in lay["peers"]:
+            res = r["results"][p]
+            assert res["median_ms"] > 0 and res["status"] == "ok", (r["name"], p, res)
+    assert set(lay["weighted_total_ms"]) == set(lay["peers"])
+
+    blk = d["blocks"]
+    assert [r["block"] for r in blk["rows"]] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert all(r["results"]["rf_torch"]["status"] == "ok" for r in blk["rows"])
+
+    e2e = {r["variant"]: r for r in d["e2e"]["rows"]}
+    assert set(e2e) == {"eager_nchw", "eager_cl", "eager_folded", "rf_torch"}
+    for r in e2e.values():
+        assert r["images_s"] > 0 and r["status"] == "ok" and r["setup_s"] >= 0, r
+        assert r["rel_err"] < 1e-5   # fp32 on CPU against the fp64 reference
+    assert e2e["eager_cl"]["speedup_vs_eager_cl"] == pytest.approx(1.0)
+    assert "compile" in d["skipped"] and "rf_torch_graph" in d["skipped"]
+    assert d["failures"] == []
+
+
+def test_metrics_flag_nan():
+    from benchmarks import metrics
+
+    ref = torch.ones(4)
+    assert metrics.verdict(metrics.rel_err(torch.tensor([1.0, float("nan"), 1, 1]), ref),
+                           torch.bfloat16) == "NaN"
+    assert metrics.verdict(metrics.rel_err(ref * 1.5, ref), torch.bfloat16) == "FAIL"
+    assert metrics.verdict(metrics.rel_err(ref, ref), torch.bfloat16) == "ok"
+    assert json.loads(json.dumps(metrics.json_safe({"e": float("nan")})))["e"] == "nan"
+
+
+def test_distinct_convs_resnet50():
+    from benchmarks import layers, models
+
+    m = models.build("resnet50", device=torch.device("cpu"), resolution=32, seed=0, calib_batch=2)
+    convs = layers.distinct_convs(m, 224)
+    assert sum(L.multiplicity for L in convs) == 53 and len(convs) == 24
+    assert models.count_flops(m, 224)["per_image"] == pytest.approx(8.18e9, rel=1e-2)
+    bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    assert not any(torch.allclose(b.running_var, torch.ones_like(b.running_var)) for b in bns)

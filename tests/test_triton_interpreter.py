@@ -1,0 +1,235 @@
+"""The Triton kernels on CPU tensors, run by Triton's interpreter (conftest sets TRITON_INTERPRET=1
+when there is no GPU). Small shapes whose sizes are not multiples of the interpreter's blocks
+(32 x 16 x 16), so every masked edge is crossed; tests/gpu covers the compiled kernels.
+
+bf16 convs are left out: tl.dot on bf16 in the interpreter (triton 3.8) gives garbage.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from resnet_fast import backends, ops  # noqa: E402
+from resnet_fast.kernels import add_relu as add_relu_kernels  # noqa: E402
+from resnet_fast.kernels import conv_bn_act as conv_kernels  # noqa: E402
+
+from .reference import rel_err  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not conv_kernels.INTERPRET,
+    reason="the kernels were imported without TRITON_INTERPRET=1 (a GPU is present: tests/gpu covers them)")
+
+CL = torch.channels_last
+
+# name: (Cin, Cout, k, stride, padding, dilation, (N, H, W))
+CONVS = {
+    "1x1": (20, 18, 1, 1, 0, 1, (2, 7, 9)),
+    "1x1_s2": (17, 12, 1, 2, 0, 1, (3, 9, 8)),
+    "3x3": (16, 20, 3, 1, 1, 1, (2, 11, 13)),
+    "3x3_s2": (18, 9, 3, 2, 1, 1, (1, 13, 10)),
+    "3x3_dil2": (19, 7, 3, 1, 2, 2, (2, 9, 9)),
+    "7x7_s2_stem": (3, 20, 7, 2, 3, 1, (2, 13, 12)),  # the flat-K path (Cin < 16)
+    "3x3_small_cin": (5, 11, 3, 1, 1, 1, (2, 8, 7)),  # the flat-K path with padding
+}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # fp32 in the kernel follows cuDNN's TF32 switch; the interpreter is exact either way, but
+    # the tests ask for "ieee" so that the 1e-5 bound states what is checked.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def make_conv(name, dtype, residual, pre):
+    cin, cout, k, s, p, d, (n, h, w) = CONVS[name]
+    x = torch.randn(n, cin, h, w).to(dtype).contiguous(memory_format=CL)
+    weight = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype).contiguous(memory_format=CL)
+    args = dict(x=x, weight=weight, bias=torch.randn(cout), stride=[s, s], padding=[p, p], dilation=[d, d],
+                residual=None, pre_scale=None, pre_bias=None)
+    if residual:
+        ho, wo = ops.conv_output_hw(h, w, k, k, [s, s], [p, p], [d, d])
+        args["residual"] = torch.randn(n, cout, ho, wo).to(dtype).contiguous(memory_format=CL)
+    if pre:
+        # A large positive shift on half the channels: relu(0 * scale + shift) > 0 there, so a
+        # kernel that padded before the transform would be caught on every padded border.
+        args["pre_scale"] = torch.rand(cin) + 0.5
+        args["pre_bias"] = torch.where(torch.arange(cin) % 2 == 0, 3.0, 0.5 * torch.randn(cin))
+    return args
+
+
+def reference(args, relu, dtype):
+    """ops.conv_bn_act_reference with the tensors in dtype (per-channel vectors in its accumulator type)."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    per_channel = ("bias", "pre_scale", "pre_bias")
+    up = {k: v.to(acc if k in per_channel else dtype) if isinstance(v, torch.Tensor) else v
+          for k, v in args.items()}
+    return ops.conv_bn_act_reference(groups=1, relu=relu, **up)
+
+
+def launch(args, relu, **kw):
+    a = dict(args)
+    return conv_kernels.conv_bn_act(a.pop("x"), a.pop("weight"), a.pop("bias"), a.pop("stride"),
+                                    a.pop("padding"), a.pop("dilation"), relu=relu, **a, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("pre", [False, True], ids=["", "pre"])
+@pytest.mark.parametrize("relu", [False, True], ids=["", "relu"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "res"])
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_matches_float64_reference(name, residual, relu, pre, dtype):
+    args = make_conv(name, dtype, residual, pre)
+    ref = reference(args, relu, torch.float64)
+    x = args["x"]
+    poisoned = torch.full(ref.shape, float("nan"), dtype=dtype).contiguous(memory_format=CL)
+    y = launch(args, relu, out=poisoned)
+    assert y is poisoned and y.dtype == dtype and y.is_contiguous(memory_format=CL)
+    err = rel_err(y, ref)
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+    else:
+        # torch's own computation from the same fp16 tensors (fp16 conv on CPU, fp32 epilogue)
+        torch_err = rel_err(reference(args, relu, x.dtype), ref)
+        assert err < 1e-2 and err <= 2 * torch_err, (err, torch_err)
+
+
+def test_conv_64bit_offsets(monkeypatch):
+    # The 64-bit index path, on a small tensor: force the switch the launcher sets for huge ones.
+    monkeypatch.setattr(conv_kernels, "INT32_INDEX_LIMIT", 0)
+    for name in ("3x3_s2", "7x7_s2_stem"):
+        args = make_conv(name, torch.float32, residual=True, pre=True)
+        assert rel_err(launch(args, True), reference(args, True, torch.float64)) < 1e-5
+
+
+def test_conv_explicit_config_by_name():
+    args = make_conv("3x3", torch.float32, residual=False, pre=False)
+    ref = reference(args, True, torch.float64)
+    name = next(iter(conv_kernels.conv_configs()))
+    assert rel_err(launch(args, True, config=name), ref) < 1e-5
+    with pytest.raises(ValueError, match="unknown conv config"):
+        launch(args, True, config="m1n1k1w1s1")
+
+
+def test_prune_configs():
+    # Called as triton's autotuner calls it: positional launch arguments in named_args (none
+    # here: the launcher passes everything by keyword), the rest as keywords.
+    configs = list(conv_kernels.conv_configs().values())
+    narrow = conv_kernels.prune_configs(configs, {}, Cout=64, HAS_RESIDUAL=False, res_ptr=None)
+    assert narrow and all(c.kwargs["BLOCK_N"] <= 64 for c in narrow)
+    res = torch.empty(1, dtype=torch.float32)
+    fp32_res = conv_kernels.prune_configs(configs, {}, Cout=2048, HAS_RESIDUAL=True, res_ptr=res)
+    assert fp32_res and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps for c in fp32_res)
+    assert conv_kernels.prune_configs(configs, {"Cout": 2048}) == configs
+
+
+def test_conv_launcher_rejects_nchw():
+    args = make_conv("1x1", torch.float32, residual=False, pre=False)
+    args["x"] = args["x"].contiguous()
+    with pytest.raises(ValueError, match="channels_last"):
+        launch(args, True)
+
+
+def test_conv_empty_batch():
+    args = make_conv("3x3", torch.float32, residual=False, pre=False)
+    args["x"] = args["x"][:0]
+    assert launch(args, True).shape == (0, 20, 11, 13)
+
+
+def test_public_op_runs_triton_and_falls_back_for_groups():
+    args = make_conv("3x3_s2", torch.float32, residual=True, pre=False)
+    a = dict(args)
+    y = ops.conv_bn_act(a.pop("x"), a.pop("weight"), a.pop("bias"), a.pop("stride"), a.pop("padding"),
+                        a.pop("dilation"), 1, relu=True, backend="triton", **a)
+    assert rel_err(y, reference(args, True, torch.float64)) < 1e-5
+
+    be = backends.get("triton")
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=CL)
+    w = torch.randn(4, 2, 3, 3)
+    assert be.supports(x, w, 2) == (False, "grouped convolution (groups=2) is not implemented in the Triton kernel")
+    assert backends.resolve("triton", x, weight=w, groups=2).name == "torch"
+    y = ops.conv_bn_act(x, w, torch.randn(4), 1, 1, 1, 2, backend="triton")
+    assert y.shape == (1, 4, 5, 5)
+
+
+def test_available():
+    be = backends.get("triton")
+    cpu = torch.device("cpu")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert be.available(cpu, dtype) == (True, "")
+    ok, why = be.available(cpu, torch.float64)
+    assert not ok and "float64" in why
+    assert be.requires_nhwc and be.name == "triton"
+
+
+# --------------------------------------------------------------------------------------
+# add_relu
+# --------------------------------------------------------------------------------------
+ADD_RELU_SHAPES = {"nchw": ((2, 5, 7, 3), None), "nhwc": ((3, 6, 5, 7), CL), "flat_tail": ((5001,), None)}
+
+
+def _operands(shape, fmt, dtype):
+    a, b = (torch.randn(shape).to(dtype) for _ in range(2))
+    a.view(-1)[3] = float("nan")  # relu(NaN) is NaN in torch; the kernel must not turn it into 0
+    if fmt is not None:
+        a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+    return a, b
+
+
+def _assert_matches(out, ref):
+    assert out.dtype == ref.dtype and out.shape == ref.shape and out.stride() == ref.stride()
+    assert torch.equal(out.isnan(), ref.isnan())
+    # The interpreter rounds fp32 -> bf16 by truncation, so bf16 may differ by one unit in the last place.
+    tol = 2.0 ** -7 if out.dtype == torch.bfloat16 else 0.0
+    o, r = out[~out.isnan()].float(), ref[~ref.isnan()].float()
+    assert ((o - r).abs() <= tol * r.abs()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", list(ADD_RELU_SHAPES))
+def test_add_relu(layout, dtype):
+    a, b = _operands(*ADD_RELU_SHAPES[layout], dtype)
+    ref = ops.add_relu_reference(a, b)
+    _assert_matches(add_relu_kernels.add_relu(a, b), ref)
+    a_ptr = a.data_ptr()
+    assert add_relu_kernels.add_relu_(a, b) is a and a.data_ptr() == a_ptr
+    _assert_matches(a, ref)
+
+
+def test_add_relu_64bit_offsets(monkeypatch):
+    monkeypatch.setattr(add_relu_kernels, "INT32_INDEX_LIMIT", 0)
+    a, b = _operands((5001,), None, torch.float32)
+    _assert_matches(add_relu_kernels.add_relu(a, b), ops.add_relu_reference(a, b))
+
+
+def test_add_relu_rejects_mixed_layouts_and_backend_falls_back():
+    a = torch.randn(2, 3, 4, 5).contiguous(memory_format=CL)
+    b = torch.randn(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="both contiguous or both channels_last"):
+        add_relu_kernels.add_relu(a, b)
+    with pytest.raises(ValueError, match="one shape, dtype and device"):
+        add_relu_kernels.add_relu(a, b[:1])
+    ref = ops.add_relu_reference(a, b)
+    assert torch.equal(ops.add_relu(a, b, backend="triton"), ref)
+    assert torch.equal(ops.add_relu_(a, b, backend="triton"), ref)
+
+
+# --------------------------------------------------------------------------------------
+# The registered custom ops
+# --------------------------------------------------------------------------------------
+def test_opcheck_conv():
+    backends.get("triton")  # registers the ops
+    args = make_conv("3x3_s2", torch.float32, residual=True, pre=True)
+    torch.library.opcheck(torch.ops.resnet_fast.conv_bn_act_triton.default,
+                          (args["x"], args["weight"], args["bias"], args["stride"], args["padding"],
+                           args["dilation"], 1, args["residual"], True, args["pre_scale"], args["pre_bias"]))
+
+
+def test_opcheck_add_relu():
+    backends.get("triton")
+    a, b = (torch.randn(2, 3, 4, 5).contiguous(memory_format=CL) for _ in range(2))
+    torch.library.opcheck(torch.ops.resnet_fast.add_relu_triton.default, (a, b))
+    torch.library.opcheck(torch.ops.resnet_fast.add_relu_inplace_triton.default, (a, b))
