@@ -23,6 +23,11 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 def git_state(repo: str) -> dict:
     commit = _run(["git", "rev-parse", "HEAD"], repo)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
+    if commit is None and os.environ.get("RESNET_FAST_COMMIT"):
+        # a copy of the tree without .git (the lent GPU machine): the caller names the commit
+        # and whether the tree differed from it
+        return {"commit": os.environ["RESNET_FAST_COMMIT"],
+                "dirty": os.environ.get("RESNET_FAST_DIRTY", "unknown")}
     return {"commit": commit or "none (no commit yet or not a git checkout)",
             "dirty": bool(status) if status is not None else None}
 

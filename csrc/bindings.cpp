@@ -84,8 +84,9 @@ void check_device_arch(const at::Tensor& x, const char* op) {
   const int cc = prop->major * 10 + prop->minor;
   const bool ok = (RESNET_FAST_ARCH >= 90) ? cc == RESNET_FAST_ARCH
                                            : (prop->major == RESNET_FAST_ARCH / 10 && cc >= RESNET_FAST_ARCH);
-  TORCH_CHECK(ok, op, ": this build of the resnet_fast CUDA extension is for sm_", num(RESNET_FAST_ARCH),
-              " but ", dev_str(x.device()), " is sm_", num(cc), " (", static_cast<const char*>(prop->name),
+  TORCH_CHECK(ok, op, ": this build of the resnet_fast CUDA extension is for sm_",
+              num(RESNET_FAST_ARCH), " but ", dev_str(x.device()), " is sm_", num(cc), " (",
+              static_cast<const char*>(prop->name),
               "); the extension is built per GPU architecture on first use, so this means it was "
               "loaded for another GPU in this process");
 }
@@ -95,7 +96,8 @@ void check_nhwc(const at::Tensor& t, const char* name, const char* op) {
               shape_str(t.sizes()));
   TORCH_CHECK(t.is_contiguous(at::MemoryFormat::ChannelsLast), op, ": ", name,
               " must be dense NHWC in memory; pass ", name,
-              ".contiguous(memory_format=torch.channels_last) (got strides ", shape_str(t.strides()), ")");
+              ".contiguous(memory_format=torch.channels_last) (got strides ", shape_str(t.strides()),
+              ")");
   TORCH_CHECK(aligned16(t.data_ptr()), op, ": ", name,
               " must start on a 16-byte boundary (it is a view with an odd storage offset); "
               "pass a fresh tensor or .clone(memory_format=torch.channels_last)");
@@ -123,9 +125,7 @@ std::mutex g_mutex;
 std::unordered_map<std::string, Choice> g_choices;  // shape key -> choice
 std::string g_forced;                                 // "" = auto; else a config name (tests)
 
-// Plain string appends, not an ostringstream: on the GPU machine an ostream insertion inside
-// this extension crashed in libstdc++'s num_put (seen 2026-11-25, H100, torch 2.11), and a
-// key needs no locale.
+// Plain string appends, not an ostringstream (see "Message text" above); a key needs no locale.
 std::string shape_key(const ConvCall& c, int device) {
   std::string k = "dev" + std::to_string(device) + (c.dtype == DType::kHalf ? " f16" : " bf16");
   for (auto [name, v] : {std::pair<const char*, int64_t>{" n", c.n}, {" h", c.h}, {" w", c.wd},
@@ -201,10 +201,9 @@ Choice choose(const ConvCall& c, const at::Tensor& like, cudaStream_t stream) {
       else why_not += std::string(" ") + fam->config_name(i) + ": " + st.message + ";";
     }
   }
-  TORCH_CHECK(!cands.empty(), kOp, ": no compiled kernel can take this conv (x ", num(c.n), "x", num(c.c), "x",
-              num(c.h), "x", num(c.wd), ", weight ", num(c.k), "x", num(c.c), "x", num(c.r), "x",
-              num(c.s), "):", why_not,
-              " use backend='torch' for it");
+  TORCH_CHECK(!cands.empty(), kOp, ": no compiled kernel can take this conv (x ", num(c.n), "x",
+              num(c.c), "x", num(c.h), "x", num(c.wd), ", weight ", num(c.k), "x", num(c.c), "x",
+              num(c.r), "x", num(c.s), "):", why_not, " use backend='torch' for it");
   std::string forced;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -256,8 +255,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
               ": stride, padding and dilation must have 2 entries each");
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
                   padding[0] >= 0 && padding[1] >= 0,
-              kOp, ": invalid stride ", shape_str(stride), ", padding ", shape_str(padding), " or dilation ",
-              shape_str(dilation));
+              kOp, ": invalid stride ", shape_str(stride), ", padding ", shape_str(padding),
+              " or dilation ", shape_str(dilation));
   c10::cuda::CUDAGuard guard(x.device());
   check_device_arch(x, kOp);
   check_nhwc(x, "x", kOp);
@@ -270,7 +269,8 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
   TORCH_CHECK(weight.size(1) == c, kOp, ": x has ", num(c), " channels but weight ",
               shape_str(weight.sizes()), " expects ", num(weight.size(1)));
   TORCH_CHECK(c % 8 == 0 && k % 8 == 0, kOp, ": input and output channels must be multiples of 8 "
-              "(16-byte vectors), got Cin=", num(c), " Cout=", num(k), "; use backend='torch' for this layer");
+              "(16-byte vectors), got Cin=", num(c), " Cout=", num(k),
+              "; use backend='torch' for this layer");
   TORCH_CHECK(bias.device() == x.device() && bias.scalar_type() == at::kFloat && bias.dim() == 1 &&
                   bias.size(0) == k && bias.is_contiguous() && aligned16(bias.data_ptr()),
               kOp, ": bias must be a contiguous, 16-byte aligned float32 tensor of shape (", num(k),
@@ -278,12 +278,14 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight, const
               dtype_str(bias.scalar_type()), " on ", dev_str(bias.device()));
   const int64_t p = (h + 2 * padding[0] - dilation[0] * (r - 1) - 1) / stride[0] + 1;
   const int64_t q = (w + 2 * padding[1] - dilation[1] * (s - 1) - 1) / stride[1] + 1;
-  TORCH_CHECK(p > 0 && q > 0, kOp, ": input ", num(h), "x", num(w), " is too small for a ", num(r), "x",
-              num(s), " kernel with padding ", shape_str(padding), " and dilation ", shape_str(dilation));
+  TORCH_CHECK(p > 0 && q > 0, kOp, ": input ", num(h), "x", num(w), " is too small for a ", num(r),
+              "x", num(s), " kernel with padding ", shape_str(padding), " and dilation ",
+              shape_str(dilation));
   if (residual.has_value()) {
     const at::Tensor& res = *residual;
     TORCH_CHECK(res.device() == x.device() && res.scalar_type() == x.scalar_type(), kOp,
-                ": residual must be on ", dev_str(x.device()), " with dtype ", dtype_str(x.scalar_type()));
+                ": residual must be on ", dev_str(x.device()), " with dtype ",
+                dtype_str(x.scalar_type()));
     TORCH_CHECK(res.dim() == 4 && res.size(0) == n && res.size(1) == k && res.size(2) == p && res.size(3) == q,
                 kOp, ": residual has shape ", shape_str(res.sizes()), " but the conv output is ",
                 shape_str({n, k, p, q}));
