@@ -124,3 +124,15 @@ def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
             layer.names.append(name)
             seen[k] = layer
     return list(seen.values())
+
+
+def conv_bytes_per_image(model: torch.nn.Module, resolution: int, itemsize: int) -> int:
+    """Input + weight + output bytes of every conv for one image: the traffic of one fused kernel
+    per conv, for any model (no residual term: which convs take one is model-specific)."""
+    shapes = conv_shapes(model, resolution)
+    total = 0
+    for name, m in model.named_modules():
+        if name in shapes:
+            (ci, hi, wi), (co, ho, wo) = shapes[name]
+            total += (ci * hi * wi + co * ho * wo) * itemsize + m.weight.numel() * itemsize
+    return total

@@ -13,7 +13,9 @@ import torch
 
 # torchvision is imported where used, not here: it imports triton, and the report must be able
 # to set TRITON_INTERPRET (CPU runs of the triton backend) before triton is first imported.
-MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+          # timm's own ResNets (timm is a test extra): run end to end through the graph converter
+          "timm:resnet50", "timm:resnetv2_50")
 
 
 @torch.no_grad()
@@ -46,10 +48,15 @@ def build(name: str, *, device: torch.device, resolution: int, seed: int,
     """The fp32 eval() model on device, weights and BN randomized from seed."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
-    import torchvision
-
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, name)(weights=None).to(device)
+    if name.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(name[len("timm:"):], pretrained=False).to(device)
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None).to(device)
     gen = torch.Generator().manual_seed(seed + 1)
     calib = torch.randn(calib_batch, 3, resolution, resolution, generator=gen).to(device)
     # fp32 without TF32 so the statistics do not depend on the GPU's math mode

@@ -143,7 +143,8 @@ def file_tag(report: dict) -> str:
     gpu = report["env"].get("gpu")
     g = re.sub(r"[^A-Za-z0-9]+", "-", gpu.replace("NVIDIA", "")).strip("-") if gpu else "cpu"
     c = report["config"]
-    tag = f"{g}_{c['model']}_b{c['batch']}_{c['dtype']}"
+    model = c["model"].replace(":", "-")  # "timm:resnet50" -> a portable file name
+    tag = f"{g}_{model}_b{c['batch']}_{c['dtype']}"
     if c["resolution"] != 224:
         tag += f"_r{c['resolution']}"
     return tag
@@ -287,9 +288,19 @@ def main(argv=None) -> dict:
         model32 = models.build(cfg.model, device=cfg.device, resolution=cfg.resolution, seed=cfg.seed,
                                calib_batch=32 if cfg.on_gpu else 4)
     flops = models.count_flops(model32, cfg.resolution)
-    convs = layers.distinct_convs(model32, cfg.resolution)
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
-    bytes_per_image = sum(L.bytes(1, itemsize) * L.multiplicity for L in convs)
+    if cfg.model.startswith("timm:"):
+        # the per-layer and per-block sections pair each conv with its BN by torchvision's
+        # structure; timm models are measured end to end
+        convs = []
+        for section in ("layers", "blocks"):
+            if section in cfg.sections:
+                cfg.sections.remove(section)
+                cfg.skipped[section] = "per-layer/per-block sections cover torchvision ResNets"
+        bytes_per_image = layers.conv_bytes_per_image(model32, cfg.resolution, itemsize)
+    else:
+        convs = layers.distinct_convs(model32, cfg.resolution)
+        bytes_per_image = sum(L.bytes(1, itemsize) * L.multiplicity for L in convs)
     report["model"] = {"flops_per_image": flops["per_image"], "convs": sum(L.multiplicity for L in convs),
                        "distinct_convs": len(convs), "conv_bytes_per_image": bytes_per_image,
                        "flops_note": "2*MACs of every conv and the fc",

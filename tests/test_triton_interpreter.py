@@ -14,6 +14,8 @@ from resnet_fast import backends, ops  # noqa: E402
 from resnet_fast.kernels import add_relu as add_relu_kernels  # noqa: E402
 from resnet_fast.kernels import conv_bn_act as conv_kernels  # noqa: E402
 
+from . import conv_cases  # noqa: E402
+from .conv_cases import launch, reference  # noqa: E402
 from .reference import rel_err  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -46,34 +48,7 @@ def _exact_fp32():
 
 def make_conv(name, dtype, residual, pre):
     cin, cout, k, s, p, d, (n, h, w) = CONVS[name]
-    x = torch.randn(n, cin, h, w).to(dtype).contiguous(memory_format=CL)
-    weight = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype).contiguous(memory_format=CL)
-    args = dict(x=x, weight=weight, bias=torch.randn(cout), stride=[s, s], padding=[p, p], dilation=[d, d],
-                residual=None, pre_scale=None, pre_bias=None)
-    if residual:
-        ho, wo = ops.conv_output_hw(h, w, k, k, [s, s], [p, p], [d, d])
-        args["residual"] = torch.randn(n, cout, ho, wo).to(dtype).contiguous(memory_format=CL)
-    if pre:
-        # A large positive shift on half the channels: relu(0 * scale + shift) > 0 there, so a
-        # kernel that padded before the transform would be caught on every padded border.
-        args["pre_scale"] = torch.rand(cin) + 0.5
-        args["pre_bias"] = torch.where(torch.arange(cin) % 2 == 0, 3.0, 0.5 * torch.randn(cin))
-    return args
-
-
-def reference(args, relu, dtype):
-    """ops.conv_bn_act_reference with the tensors in dtype (per-channel vectors in its accumulator type)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    per_channel = ("bias", "pre_scale", "pre_bias")
-    up = {k: v.to(acc if k in per_channel else dtype) if isinstance(v, torch.Tensor) else v
-          for k, v in args.items()}
-    return ops.conv_bn_act_reference(groups=1, relu=relu, **up)
-
-
-def launch(args, relu, **kw):
-    a = dict(args)
-    return conv_kernels.conv_bn_act(a.pop("x"), a.pop("weight"), a.pop("bias"), a.pop("stride"),
-                                    a.pop("padding"), a.pop("dilation"), relu=relu, **a, **kw)
+    return conv_cases.make_conv(cin, cout, k, s, p, h, w, n, dtype, residual, pre=pre, dilation=d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

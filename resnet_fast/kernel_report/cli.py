@@ -12,7 +12,7 @@ from .archs import ARCHS, DEFAULT_ARCHS, get_arch
 from .report import BACKENDS, ReportOptions, build_report, check_failures
 from .triton_aot import dtype_from_name
 
-EPILOG = f"""
+EPILOG = """
 Ceilings used for the estimate (override with --peak-tflops / --bandwidth-tbs, either one number
 for every arch or ARCH=VALUE,...):
 """ + "\n".join(f"  {a.name:7s} {a.gpu}, {a.sms} SMs: {a.peak_tflops:g} TFLOP/s bf16/fp16 dense, "
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=224, help="input H = W (default 224)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--arch", action="append", default=None,
-                   help=f"sm_80 and/or sm_90a (repeat or comma-separate; default both)")
+                   help="sm_80 and/or sm_90a (repeat or comma-separate; default both)")
     p.add_argument("--backend", action="append", default=None, choices=list(BACKENDS),
                    help="triton and/or cuda (repeat; default both)")
     p.add_argument("--json", metavar="PATH", help="write {rows, env} here")
