@@ -209,6 +209,16 @@ def conv_bn_act_kernel(
     tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of ``dtype`` (fp16/bf16 ignore it).
+
+    fp32 follows torch's cuDNN switch (TF32 tensor cores by default) but as tf32x3: plain tf32 in
+    tl.dot truncates the operands, and a converted ResNet-50 in fp32 then landed at 1.6e-2
+    relative error on an H100 against 8e-4 for cuDNN (2026-11-25).
+    """
+    return "tf32x3" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee"
+
+
 def prune_configs(configs, named_args, **kwargs):
     """The autotuner's early pruning (``prune_configs_by={"early_config_prune": ...}``): drops the
     candidates that cannot win for this launch, so tuning time goes to the others. Triton passes
@@ -221,9 +231,18 @@ def prune_configs(configs, named_args, **kwargs):
     # An fp32 residual tile takes as many registers as the fp32 accumulator: at 128 accumulator
     # values per thread the two together spill.
     fp32_residual = args.get("HAS_RESIDUAL") and args["res_ptr"].dtype == torch.float32
-    kept = [c for c in configs
-            if c.kwargs["BLOCK_N"] <= widest
-            and not (fp32_residual and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 32 * c.num_warps)]
+    # tf32x3 holds each fp32 operand as two tf32 halves in registers: beyond 64 accumulator
+    # values per thread at BLOCK_K 32 (or 32 at BLOCK_K 64) the sm_90a tiles spill 136-400 bytes
+    # (cuobjdump of the kernel report's fp32 run); those tiles never win.
+    split_operands = args.get("INPUT_PRECISION") == "tf32x3"
+
+    def keep(c):
+        acc_per_thread = c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
+        return (c.kwargs["BLOCK_N"] <= widest
+                and not (fp32_residual and acc_per_thread >= 128)
+                and not (split_operands and acc_per_thread * c.kwargs["BLOCK_K"] > 64 * 32))
+
+    kept = [c for c in configs if keep(c)]
     return kept or configs
 
 
@@ -258,10 +277,7 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], HAS_RESIDUAL=residual, RELU=relu, HAS_PRE=pre,
         SMALL_CIN=cin < SMALL_CIN, INT64_OFFSETS=int64_offsets,
-        # fp32 follows torch's cuDNN switch (TF32 tensor cores by default) but as tf32x3: plain
-        # tf32 in tl.dot truncates the operands, and a converted ResNet-50 in fp32 then landed at
-        # 1.6e-2 relative error on an H100 against 8e-4 for cuDNN (2026-11-25). fp16/bf16 ignore it.
-        INPUT_PRECISION="tf32x3" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else "ieee",
+        INPUT_PRECISION=input_precision(dtype),
     )
     return (n, cout, ho, wo), scalars, constexprs
 

@@ -335,6 +335,8 @@ def conv_candidates(layer: dict, module=None, dtype: torch.dtype = torch.bfloat1
                  KH=layer["kernel"][0], KW=layer["kernel"][1], STRIDE_H=layer["stride"][0],
                  STRIDE_W=layer["stride"][1], HAS_RESIDUAL="residual" in epi,
                  RELU="relu" in epi.split("+"), HAS_PRE="pre" in epi, SMALL_CIN=small)
+    if hasattr(mod, "input_precision"):
+        named["INPUT_PRECISION"] = mod.input_precision(dtype)
     kept_list = prune(list(configs.values()), named)
     kept = {mod.config_name(c): c for c in kept_list}
     return kept, "autotune candidate", [n for n in configs if n not in kept]
