@@ -151,16 +151,22 @@ def conv_bn_act_kernel(
     bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + bias[None, :]
     if SMALL_CIN:
+        # Every element of this gather has its own tap, so keep per-element work to what must
+        # be: the (tap, channel) split and its offset are per column, the pixel base per row,
+        # and each bound is one unsigned compare (a negative coordinate wraps to a huge value).
+        x_rows = ((img * H + ih0) * W + iw0) * Cin
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
             c = k % Cin
             tap = k // Cin
-            ih = ih0[:, None] + (tap // KW * DIL_H)[None, :]
-            iw = iw0[:, None] + (tap % KW * DIL_W)[None, :]
+            dh = tap // KW * DIL_H
+            dw = tap % KW * DIL_W
+            ih = ih0[:, None] + dh[None, :]
+            iw = iw0[:, None] + dw[None, :]
             a_ok = (m_ok[:, None] & k_ok[None, :]
-                    & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a = tl.load(x_ptr + (((img[:, None] * H + ih) * W + iw) * Cin + c[None, :]),
+                    & (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32)))
+            a = tl.load(x_ptr + (x_rows[:, None] + ((dh * W + dw) * Cin + c)[None, :]),
                         mask=a_ok, other=0.0)
             if HAS_PRE:
                 a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr)
