@@ -177,12 +177,6 @@ def norm_kind(m: nn.Module) -> tuple[Optional[bool], Optional[str]]:
     return relu, None
 
 
-def _conv_padding(conv: nn.Conv2d):
-    if isinstance(conv.padding, str):
-        raise ValueError(f"string padding {conv.padding!r} is not supported by the fused conv")
-    return conv.padding
-
-
 class ConvBNAct(nn.Module):
     """conv → [BatchNorm] → [+ residual] → [ReLU], one fused op in eval().
 
@@ -196,7 +190,9 @@ class ConvBNAct(nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"ConvBNAct wraps an nn.Conv2d, got {type(conv).__name__}")
-        _conv_padding(conv)
+        why = conv_refusal(conv)
+        if why:
+            raise ValueError(f"ConvBNAct cannot fuse this conv: {why}")
         self.conv = conv
         self.bn = bn
         self.pre_bn = pre_bn
