@@ -88,8 +88,11 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
                 ok, why = get(cand).supports(x, weight, groups)
             if ok:
                 if reasons:
-                    say_once(f"resnet_fast: auto picked {cand!r} for {x.device.type}/{x.dtype}"
-                             + (f" ({'; '.join(reasons)})" if reasons else ""))
+                    # landing on the reference math on a GPU is worth a warning; on the CPU it
+                    # is the expected default
+                    level = logging.WARNING if cand == "torch" and x.device.type == "cuda" else logging.INFO
+                    say_once(f"resnet_fast: auto picked {cand!r} for {x.device.type}/{x.dtype} "
+                             f"({'; '.join(reasons)})", level)
                 return get(cand)
             reasons.append(f"{cand}: {why}")
         raise RuntimeError("no backend can run this call: " + "; ".join(reasons))
