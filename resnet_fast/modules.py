@@ -266,7 +266,7 @@ class _FusedBlock(nn.Module):
         if be.requires_nhwc:
             x = to_nhwc(x)  # once per block here; a converted model converts once at its entry
         out = x
-        for i, (cname, bname) in enumerate(self._units[:-1]):
+        for cname, bname in self._units[:-1]:
             out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
                              relu=True, backend=self.backend)
         ds = fusable_downsample(self.downsample)
