@@ -1,5 +1,8 @@
 """What the tests share: randomized BN statistics and the relative-error measure."""
 
+import copy
+import io
+
 import torch
 from torch import nn
 
@@ -24,3 +27,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if not torch.isfinite(out).all():
         return float("inf")
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def copies_of(model: nn.Module) -> list[nn.Module]:
+    """A deepcopy of model and a torch.save/torch.load round trip of it."""
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return [copy.deepcopy(model), torch.load(buf, weights_only=False)]

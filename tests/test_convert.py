@@ -1,7 +1,6 @@
 """convert() on whole torchvision ResNets: same state, same results, a truthful summary."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torchvision import models
 
 import resnet_fast as rf
 
-from .reference import randomize_bn, rel_err
+from .reference import copies_of, randomize_bn, rel_err
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
 
@@ -83,10 +82,7 @@ def test_copy_and_pickle_round_trip():
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         y = ours(x)
-        buf = io.BytesIO()
-        torch.save(ours, buf)
-        buf.seek(0)
-        for other in (copy.deepcopy(ours), torch.load(buf, weights_only=False)):
+        for other in copies_of(ours):
             assert rel_err(other(x), y) < 1e-14
 
 

@@ -3,7 +3,6 @@ plain, pre-activation), timm models, and what must be left alone. Same state, sa
 a truthful summary, and the converted models still compile and export."""
 
 import copy
-import io
 import operator
 import warnings
 
@@ -17,7 +16,7 @@ import resnet_fast as rf
 from resnet_fast.backends.torch_backend import TorchBackend
 
 from . import any_resnets as ar
-from .reference import randomize_bn, rel_err
+from .reference import copies_of, randomize_bn, rel_err
 
 
 def _timm(name):
@@ -236,10 +235,7 @@ def test_copy_and_pickle_round_trip(name):
     x = torch.randn(shape, dtype=torch.float64)
     with torch.no_grad():
         y = ours(x)
-        buf = io.BytesIO()
-        torch.save(ours, buf)
-        buf.seek(0)
-        for other in (copy.deepcopy(ours), torch.load(buf, weights_only=False)):
+        for other in copies_of(ours):
             assert type(other) is type(ours)
             assert rf.fusion_summary(other) == rf.fusion_summary(ours)
             assert rel_err(other(x), y) < 1e-14
