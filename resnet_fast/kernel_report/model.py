@@ -61,10 +61,15 @@ def conv_flops(layer: dict) -> float:
 
 
 def conv_bytes(layer: dict, itemsize: int) -> float:
-    """Compulsory DRAM traffic of the fused op, in bytes."""
+    """Compulsory DRAM traffic of the fused op, in bytes.
+
+    The input counts only the rows and columns some tap reads: a 1x1 conv with stride 2 reads a
+    quarter of its input (charging all of it put a measured layer at 0.77 of its estimate on an
+    H100, 2026-11-25).
+    """
     b, cin, cout = layer["batch"], layer["cin"], layer["cout"]
     kh, kw = layer["kernel"]
-    n_in = b * cin * layer["h"] * layer["w"]
+    n_in = b * cin * min(layer["h"], layer["ho"] * kh) * min(layer["w"], layer["wo"] * kw)
     n_out = b * cout * layer["ho"] * layer["wo"]
     n_w = cout * (cin // layer.get("groups", 1)) * kh * kw
     epi = layer.get("epilogue", "")
