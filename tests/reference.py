@@ -2,6 +2,8 @@
 
 import copy
 import io
+import subprocess
+import sys
 
 import torch
 from torch import nn
@@ -35,3 +37,11 @@ def copies_of(model: nn.Module) -> list[nn.Module]:
     torch.save(model, buf)
     buf.seek(0)
     return [copy.deepcopy(model), torch.load(buf, weights_only=False)]
+
+
+def run_python(code: str, timeout: int = 300) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported, nothing cached); returns its
+    stdout, and fails the calling test with the end of its stderr when it exits non-zero."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout

@@ -9,7 +9,7 @@ from torchvision import models
 
 import resnet_fast as rf
 
-from .reference import copies_of, randomize_bn, rel_err
+from .reference import copies_of, randomize_bn, rel_err, run_python
 
 MODELS = ["resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2"]
 
@@ -128,10 +128,7 @@ def test_set_backend_and_env(monkeypatch):
 def test_first_call_compiled_fullgraph_in_a_fresh_process():
     # The first forward of a converted model may be the compiled one: nothing on that path
     # may import lazily (dynamo breaks the graph on importlib), so run it in a new interpreter.
-    import subprocess
-    import sys
-
-    code = (
+    run_python(
         "import torch, torchvision, resnet_fast\n"
         "m = resnet_fast.convert(torchvision.models.resnet18(num_classes=10).eval(), backend='torch')\n"
         "x = torch.randn(1, 3, 32, 32)\n"
@@ -139,5 +136,3 @@ def test_first_call_compiled_fullgraph_in_a_fresh_process():
         "    y = torch.compile(m, fullgraph=True, backend='aot_eager')(x)\n"
         "    assert torch.allclose(y, m(x), rtol=1e-4, atol=1e-5)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
