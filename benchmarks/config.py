@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,10 @@ class Config:
     max_e2e_reps: int = 200
     warmup: int = 3
     skipped: dict = field(default_factory=dict)  # name -> why it did not run
+    # --budget-s: wall-clock deadline (time.monotonic()) after which no new figure starts, so a
+    # run on a lent machine ends with its JSON written instead of being killed mid-section
+    deadline: float | None = None
+    budget_s: float | None = None
 
     @property
     def on_gpu(self) -> bool:
@@ -52,4 +57,12 @@ class Config:
         if not self.on_gpu and not cpu_default and (self.only is None or name not in self.only):
             self.skipped[name] = "not run on the CPU path by default (slow); ask with --variants"
             return False
+        return True
+
+    def out_of_time(self, name: str, need_s: float = 0.0) -> bool:
+        """True (and name recorded as skipped) once fewer than need_s seconds of the --budget-s
+        time budget are left."""
+        if self.deadline is None or time.monotonic() + need_s < self.deadline:
+            return False
+        self.skipped[name] = f"not started: the --budget-s {self.budget_s:g} s time budget was spent"
         return True

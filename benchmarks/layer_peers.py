@@ -198,6 +198,8 @@ def run(cfg: Config, layers: list[ConvLayer], peaks: dict, checkpoint=None) -> d
     rows = []
     t0 = time.perf_counter()
     for i, layer in enumerate(layers):
+        if cfg.out_of_time(f"layer {layer.name}"):
+            continue
         row = measure_layer(cfg, layer, i, peers, peaks)
         if est is not None:
             row["estimate_us"] = {b: _estimate(est, row, cfg, peaks, b) for b in cfg.backends}

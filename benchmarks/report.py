@@ -56,6 +56,9 @@ def parse_args(argv):
                    help="run only these variants/peers (eager_cl, the baseline, always runs)")
     p.add_argument("--skip", nargs="+", default=[], metavar="NAME", help="variants/peers not to run")
     p.add_argument("--quick", action="store_true", help="short timings, no compile_max_autotune")
+    p.add_argument("--budget-s", type=float, metavar="S",
+                   help="start no new figure after S seconds of wall time (the JSON then says "
+                        "what was left out); for time-limited machines")
     p.add_argument("--list", action="store_true", help="print the variant/peer names and exit")
     p.add_argument("--latency", action="store_true", help="batch 1 preset")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
@@ -80,7 +83,8 @@ def known_names() -> dict[str, list[str]]:
                     "compile_max_autotune"] + [n for b in rf for n in (b, b + "_graph")]}
 
 
-def make_config(a) -> tuple[Config, dict]:
+def make_config(a, t0: float | None = None) -> tuple[Config, dict]:
+    """t0: time.monotonic() when the run began (the --budget-s clock)."""
     known = {n for ns in known_names().values() for n in ns}
     bad = sorted(set(a.variants or []) | set(a.skip) - known)
     bad = [n for n in bad if n not in known]
@@ -123,6 +127,9 @@ def make_config(a) -> tuple[Config, dict]:
                  layout=a.layout, backends=backends, sections=list(a.sections),
                  only=set(a.variants) if a.variants else None, skip=skip, ref_dtype=ref,
                  seed=a.seed, quick=a.quick)
+    if a.budget_s is not None:
+        cfg.budget_s = a.budget_s
+        cfg.deadline = (time.monotonic() if t0 is None else t0) + a.budget_s
     for b in asked:
         if not status[b]["available"]:
             cfg.skipped[f"rf_{b}"] = f"backend unavailable: {status[b]['reason']}"
@@ -239,10 +246,10 @@ def main(argv=None) -> dict:
         for sec, ns in known_names().items():
             print(f"{sec}: {' '.join(ns)}")
         return {}
-    t_start = time.perf_counter()
+    t_start, t0 = time.perf_counter(), time.monotonic()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg, backend_status = make_config(a)
+    cfg, backend_status = make_config(a, t0)
     if cfg.on_gpu:
         torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
 
@@ -260,7 +267,7 @@ def main(argv=None) -> dict:
                    "device": str(cfg.device), "layout": cfg.layout, "backends": cfg.backends,
                    "sections": cfg.sections, "variants": sorted(cfg.only) if cfg.only else None,
                    "skip": sorted(cfg.skip), "ref_dtype": str(cfg.ref_dtype).replace("torch.", ""),
-                   "seed": cfg.seed, "quick": cfg.quick, "latency": a.latency,
+                   "seed": cfg.seed, "quick": cfg.quick, "latency": a.latency, "budget_s": a.budget_s,
                    "timing_targets_ms": {"layer": cfg.layer_target_ms, "block": cfg.block_target_ms,
                                          "e2e": cfg.e2e_target_ms}},
         "backends": backend_status,
@@ -328,8 +335,13 @@ def main(argv=None) -> dict:
         progress.log("\n" + blocks_table(report["blocks"]) + "\n")
 
     def run_e2e():
+        def checkpoint(sec):
+            report["e2e"] = sec
+            write_json(report, out_dir)
+
         with progress.step("end to end"):
-            report["e2e"] = variants.run(cfg, model32, pk, flops["per_image"], bytes_per_image)
+            report["e2e"] = variants.run(cfg, model32, pk, flops["per_image"], bytes_per_image,
+                                         checkpoint=checkpoint)
         progress.log("\n" + e2e_table(report["e2e"]) + "\n")
 
     # in the order asked for, so a short lease can put the section it needs most first

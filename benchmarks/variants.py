@@ -29,11 +29,18 @@ from .config import Config
 from .models import cast, tf32_off
 from .timing import bench, ring_size, sync
 
+# Rough wall time of a variant's setup (compile, autotune) on an H100 with 16 cores; under
+# --budget-s a variant starts only when this much time is left.
+SETUP_S = {"compile": 60.0, "compile_max_autotune": 240.0}
+
+
 def names(cfg: Config) -> list[str]:
-    out = ["eager_nchw", "eager_cl", "eager_folded", "eager_cl_graph", "compile", "compile_max_autotune"]
+    # max-autotune last: its compile is the longest step, and a run cut short by --budget-s
+    # then still has every other figure
+    out = ["eager_nchw", "eager_cl", "eager_folded", "eager_cl_graph", "compile"]
     for b in cfg.backends:
         out += [f"rf_{b}", f"rf_{b}_graph"]
-    return out
+    return out + ["compile_max_autotune"]
 
 
 def _cuda_graph(fn, example: torch.Tensor):
@@ -163,7 +170,9 @@ class _null:
 
 @torch.no_grad()
 def run(cfg: Config, model32: torch.nn.Module, peaks: dict, flops_per_image: float,
-        bytes_per_image: float) -> dict:
+        bytes_per_image: float, checkpoint=None) -> dict:
+    """Measure every variant; ``checkpoint(section)`` (if given) gets the section so far after
+    each one, so a run cut short keeps what it finished."""
     t_start = time.perf_counter()
     dev, dt, B = cfg.device, cfg.dtype, cfg.batch
     todo = []
@@ -184,7 +193,23 @@ def run(cfg: Config, model32: torch.nn.Module, peaks: dict, flops_per_image: flo
     del ref_model
     flops, nbytes = flops_per_image * B, bytes_per_image * B
     rows = []
+
+    def section(partial: bool) -> dict:
+        base = next((r for r in rows if r["variant"] == "eager_cl"), {})
+        for r in rows:
+            if "median_ms" in r:
+                r.update(metrics.derived(r["median_ms"], flops, nbytes, peaks, base.get("median_ms")))
+            if "rel_err" in r:
+                r["status"] = metrics.verdict(r["rel_err"], dt, base.get("rel_err"))
+        out = {"variants": todo, "rows": rows, "ring": k, "flops_per_image": flops_per_image,
+               "bytes_per_image": bytes_per_image, "section_s": time.perf_counter() - t_start}
+        if partial:
+            out["partial"] = True
+        return out
+
     for n in todo:
+        if cfg.out_of_time(n, SETUP_S.get(n, 0.0)):
+            continue
         progress.log(f"  e2e {n} ...")
         res = measure(cfg, n, model32, xs, ref, flops, nbytes, peaks)
         res["variant"] = n
@@ -194,11 +219,6 @@ def run(cfg: Config, model32: torch.nn.Module, peaks: dict, flops_per_image: flo
                          f"err {res.get('rel_err', float('nan')):.2e}, setup {res['setup_s']:.1f} s")
         else:
             progress.log(f"  e2e {n}: {res.get('error')}")
-    base = next((r for r in rows if r["variant"] == "eager_cl"), {})
-    for r in rows:
-        if "median_ms" in r:
-            r.update(metrics.derived(r["median_ms"], flops, nbytes, peaks, base.get("median_ms")))
-        if "rel_err" in r:
-            r["status"] = metrics.verdict(r["rel_err"], dt, base.get("rel_err"))
-    return {"variants": todo, "rows": rows, "ring": k, "flops_per_image": flops_per_image,
-            "bytes_per_image": bytes_per_image, "section_s": time.perf_counter() - t_start}
+        if checkpoint is not None:
+            checkpoint(section(partial=True))
+    return section(partial=False)

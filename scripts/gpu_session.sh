@@ -3,6 +3,7 @@
 # torch/triton, then run the GPU tests and/or the benchmark report, writing logs to $OUT.
 #   scripts/gpu_session.sh tests [pytest args...]
 #   scripts/gpu_session.sh bench [benchmarks.report args...]
+#   scripts/gpu_session.sh suite       every GPU test in parallel groups, then compute-sanitizer
 # Wheels missing there (nvidia-cutlass) travel in .whl/ (see README, "On a lent GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +21,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case "$what" in
   tests) python3 -m pytest -q -rs tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench) python3 -m benchmarks.report --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" ;;
+  suite) exec scripts/gpu_suite.sh ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

@@ -66,6 +66,21 @@ def test_report_cpu_path(tmp_path, one_thread):
     assert d["failures"] == []
 
 
+def test_report_time_budget(tmp_path, one_thread):
+    """--budget-s 0: no figure starts, each one left out is named, and the JSON is still whole."""
+    pytest.importorskip("torchvision")
+    from benchmarks import report
+
+    rep = report.main(["--device", "cpu", "--model", "resnet18", "--batch", "1", "--resolution", "32",
+                       "--backends", "torch", "--quick", "--budget-s", "0", "--no-plot",
+                       "--out", str(tmp_path)])
+    assert rep["complete"] is True and rep["config"]["budget_s"] == 0
+    assert rep["layers"]["rows"] == [] and rep["blocks"]["rows"] == [] and rep["e2e"]["rows"] == []
+    why = rep["skipped"]
+    assert "time budget" in why["eager_cl"] and "time budget" in why["block stem"]
+    assert any(k.startswith("layer ") and "time budget" in v for k, v in why.items())
+
+
 def test_metrics_flag_nan():
     from benchmarks import metrics
 
