@@ -21,15 +21,16 @@ def _run(cmd: list[str], cwd: str | None = None) -> str | None:
 
 
 def git_state(repo: str) -> dict:
+    if os.environ.get("RESNET_FAST_COMMIT"):
+        # The caller names the commit of a copied tree (the lent GPU machine): that copy may have
+        # no .git, or the .git of an older checkout, so it outranks what git says there.
+        return {"commit": os.environ["RESNET_FAST_COMMIT"],
+                "dirty": os.environ.get("RESNET_FAST_DIRTY", "unknown"),
+                "commit_source": "RESNET_FAST_COMMIT"}
     commit = _run(["git", "rev-parse", "HEAD"], repo)
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo)
-    if commit is None and os.environ.get("RESNET_FAST_COMMIT"):
-        # a copy of the tree without .git (the lent GPU machine): the caller names the commit
-        # and whether the tree differed from it
-        return {"commit": os.environ["RESNET_FAST_COMMIT"],
-                "dirty": os.environ.get("RESNET_FAST_DIRTY", "unknown")}
     return {"commit": commit or "none (no commit yet or not a git checkout)",
-            "dirty": bool(status) if status is not None else None}
+            "dirty": bool(status) if status is not None else None, "commit_source": "git"}
 
 
 def _version(mod: str) -> str | None:
