@@ -7,11 +7,11 @@ A BatchNorm *before* a conv (pre-activation blocks) becomes the per-input-channe
 relu(x * s + t) of the kernel.
 
 The folded tensors are cached per conv. The cache key holds, for every tensor the fold reads,
-its identity (a weak reference), its storage address, its version counter, dtype and device,
-and BN's eps: an optimizer step or any in-place edit bumps the version, ``load_state_dict``
-copies in place (version), ``.to()``/``.half()`` and ``param.data = ...`` change dtype, device
-or storage, and assigning a new Parameter changes identity. Any of them refolds on the next
-forward.
+its identity (a weak reference), its storage address and its version counter, and BN's eps:
+an optimizer step or any in-place edit bumps the version, ``load_state_dict`` copies in place
+(version), ``.to()``/``.half()`` and ``param.data = ...`` put the tensor on new storage (address;
+the cache pins the storages it folded from, so no new storage can reuse their address), and
+assigning a new Parameter changes identity. Any of them refolds on the next forward.
 """
 
 from __future__ import annotations
@@ -61,23 +61,40 @@ def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.modules.batchnorm._BatchNorm],
     return w.to(dtype), b
 
 
-def _tensor_key(t: Optional[torch.Tensor]):
-    if t is None:
-        return None
-    try:
-        version = t._version
-    except RuntimeError:  # inference tensors carry no version counter: never cache them
-        return _UNCACHEABLE
-    return (id(t), t.data_ptr(), version, t.dtype, t.device)
+_FOLDED_NAMES = ("weight", "bias", "running_mean", "running_var")
 
 
-_UNCACHEABLE = object()
-
-
-def _module_tensors(m: Optional[nn.Module]):
+def _module_tensors(m: Optional[nn.Module]) -> list:
+    """The tensors a fold reads from m. Read from the parameter and buffer dicts (module
+    __getattr__ costs ~1 us a name and this runs for every conv call); torchvision's
+    FrozenBatchNorm2d keeps weight/bias as buffers, and a plain tensor attribute still counts."""
     if m is None:
-        return ()
-    return tuple(getattr(m, n, None) for n in ("weight", "bias", "running_mean", "running_var"))
+        return []
+    params, buffers = m._parameters, m._buffers
+    out = []
+    for n in _FOLDED_NAMES:
+        if n in params:
+            out.append(params[n])
+        elif n in buffers:
+            out.append(buffers[n])
+        else:
+            t = m.__dict__.get(n)
+            out.append(t if isinstance(t, torch.Tensor) else None)
+    return out
+
+
+def _cache_key(tensors: list):
+    """(storage address, version counter) of each tensor, flat; None when one of them cannot be
+    cached (inference tensors carry no version counter). Identity is checked apart (weak
+    references), and the cache pins the storages it folded from, so an address seen here again
+    is the same storage: dtype or device changes always show as a new address."""
+    key = []
+    try:
+        for t in tensors:
+            key += (None, None) if t is None else (t.data_ptr(), t._version)
+    except RuntimeError:
+        return None
+    return tuple(key)
 
 
 class FoldCache:
@@ -94,20 +111,28 @@ class FoldCache:
         # ids can be reused once a tensor dies: weak references prove the keyed tensors are
         # still the same objects
         self._refs: tuple = ()
+        self._pins: tuple = ()
+        #: (call signature, output shape) of the last call through this conv that passed the
+        #: argument checks, kept by modules.fused_conv so a repeated call skips them
+        self.checked = None
 
     def get(self, conv: nn.Conv2d, bn, pre_bn, dtype: torch.dtype, backend):
         if torch.compiler.is_compiling():
             return _fold(conv, bn, pre_bn, dtype, backend)
         tensors = _module_tensors(conv) + _module_tensors(bn) + _module_tensors(pre_bn)
-        key = (tuple(_tensor_key(t) for t in tensors), getattr(bn, "eps", None),
-               getattr(pre_bn, "eps", None), dtype, backend.name)
-        if _UNCACHEABLE in key[0]:
+        tkey = _cache_key(tensors)
+        if tkey is None:
             return _fold(conv, bn, pre_bn, dtype, backend)
-        live = [t for t in tensors if t is not None]
-        if key != self._key or any(r() is not t for r, t in zip(self._refs, live)):
+        key = (tkey, getattr(bn, "eps", None), getattr(pre_bn, "eps", None), dtype, backend.name)
+        if key != self._key or any(r() is not t for r, t in zip(self._refs, [t for t in tensors if t is not None])):
             self._value = _fold(conv, bn, pre_bn, dtype, backend)
             self._key = key
-            self._refs = tuple(weakref.ref(t) for t in live)
+            self._refs = tuple(weakref.ref(t) for t in tensors if t is not None)
+            # Holding the storages keeps their addresses from being reused by a later tensor
+            # (``param.data = ...`` swaps storage without bumping the version counter, so a
+            # reused address with an unchanged version would look like the folded data).
+            self._pins = tuple(t.untyped_storage() for t in tensors if t is not None)
+            self.checked = None
         return self._value
 
     # A copy or a pickle starts empty: the folded tensors are derived state, and weak
@@ -119,8 +144,8 @@ class FoldCache:
         self.__init__()
 
     def clear(self):
-        self._key = self._value = None
-        self._refs = ()
+        self._key = self._value = self.checked = None
+        self._refs = self._pins = ()
 
 
 @torch.no_grad()

@@ -38,8 +38,11 @@ def _needs_reference(tensors, modules) -> Optional[str]:
         for m in modules:
             if m is not None and any(p.requires_grad for p in m.parameters(recurse=False)):
                 return "autograd"
-    if tensors and torch.is_autocast_enabled(tensors[0].device.type):
-        return "autocast"
+    if tensors:
+        dev = tensors[0].device.type
+        # meta (shape inference) and other devices without autocast have nothing to ask
+        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            return "autocast"
     return None
 
 
@@ -95,13 +98,33 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
                         f"cast one of them (e.g. model.to({x.dtype}))")
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv")
-    be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups)
+    be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups, pre=pre_bn is not None)
     w, b, pre_scale, pre_bias = cache.get(conv, bn, pre_bn, x.dtype, be)
     if be.requires_nhwc:
         x = to_nhwc(x)
         residual = to_nhwc(residual) if residual is not None else None
-    return ops.conv_bn_act(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups,
-                           residual, relu, pre_scale, pre_bias, backend=be)
+    stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+    # The checks depend only on what this signature holds (the folded tensors are refolded, so
+    # new objects, whenever a parameter or buffer changes; layouts are fixed just above), so a
+    # conv called again like last time skips them: they cost as much as a small conv's launch.
+    sig = (w, x.shape, x.dtype, x.device, be, conv.stride, conv.padding, conv.dilation, conv.groups,
+           None if residual is None else (residual.shape, residual.dtype, residual.device))
+    checked = cache.checked
+    if checked is not None and _same_signature(checked[0], sig):
+        out_shape = checked[1]
+    else:
+        out_shape = ops.check_conv_bn_act_args(x, w, b, stride, padding, dilation, conv.groups,
+                                               residual, pre_scale, pre_bias,
+                                               require_nhwc=be.requires_nhwc)
+        if not torch.compiler.is_compiling():
+            cache.checked = (sig, out_shape)
+    return ops.run_checked_conv_bn_act(be, out_shape, x, w, b, stride, padding, dilation, conv.groups,
+                                       residual, relu, pre_scale, pre_bias)
+
+
+def _same_signature(a: tuple, b: tuple) -> bool:
+    # the folded weight by identity (`==` on tensors would compare values)
+    return a[0] is b[0] and a[1:] == b[1:]
 
 
 #: what a fused unit can absorb around its conv, in the order fusion_summary lists them

@@ -232,14 +232,35 @@ def conv_bn_act(x, weight, bias, stride=1, padding=0, dilation=1, groups=1,
     from .backends import resolve
 
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    be = resolve(backend, x, weight=weight, groups=groups)
-    n, cout, ho, wo = check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups,
-                                             residual, pre_scale, pre_bias,
-                                             require_nhwc=be.requires_nhwc)
-    if n == 0:  # an empty batch launches nothing
-        return empty_nhwc(x, (0, cout, ho, wo))
+    be = resolve(backend, x, weight=weight, groups=groups, pre=pre_scale is not None)
+    out_shape = check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups,
+                                       residual, pre_scale, pre_bias, require_nhwc=be.requires_nhwc)
+    return run_checked_conv_bn_act(be, out_shape, x, weight, bias, stride, padding, dilation, groups,
+                                   residual, relu, pre_scale, pre_bias)
+
+
+def run_checked_conv_bn_act(be, out_shape, x, weight, bias, stride, padding, dilation, groups,
+                            residual, relu, pre_scale, pre_bias):
+    """conv_bn_act on backend ``be`` for arguments that passed :func:`check_conv_bn_act_args`
+    (which returned ``out_shape``): :func:`conv_bn_act` after its checks, and the fused modules,
+    which check a conv's call signature once and then only compare it."""
+    if out_shape[0] == 0:  # an empty batch launches nothing
+        return empty_nhwc(x, out_shape)
     return be.conv_bn_act(x, weight, bias, stride, padding, dilation, groups,
                           residual, relu, pre_scale, pre_bias)
+
+
+def direct_call_ok(x: torch.Tensor) -> bool:
+    """Whether an eager call may run a backend's Python kernel directly instead of through its
+    torch.library op (the dispatcher round trip costs ~10 us a call, a tenth of a small conv).
+
+    Only for a plain tensor with nothing watching the dispatcher: torch.compile / torch.export
+    tracing, jit tracing, a TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...) and the
+    profiler must all see the op, so each of them takes the op.
+    """
+    return (type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.autograd._profiler_enabled())
 
 
 def add_relu(a, b, *, backend=None):

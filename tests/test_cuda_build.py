@@ -82,7 +82,7 @@ def test_cpp_kernels_match_python_schemas():
     python_schemas = {"conv_bn_act_cuda": ops.CONV_SCHEMA, "add_relu_cuda": ops.ADD_RELU_SCHEMA,
                       "add_relu_inplace_cuda": ops.ADD_RELU_INPLACE_SCHEMA}
     for op, dump in dumps.items():
-        line = next(l for l in dump.splitlines() if l.startswith("CUDA:"))
+        line = next(ln for ln in dump.splitlines() if ln.startswith("CUDA:"))
         inferred = line.split(" :: ", 1)[1].rsplit(" [", 1)[0]
         want = _types(python_schemas[op])
         got = _types(inferred)

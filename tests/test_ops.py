@@ -139,3 +139,32 @@ def backends_resolve_with(be, x):
     finally:
         backends._instances.pop("never")
         backends._REGISTRY.pop("never")
+
+
+def test_explicit_backend_falls_back_to_the_first_that_takes_the_call(monkeypatch):
+    """A named backend that cannot take one call (here: the prologue) hands that call to the
+    first backend of AUTO_ORDER that can, not straight to the reference."""
+    class NoPrologue(Backend):
+        name = "noprologue"
+
+        def available(self, device, dtype):
+            return True, ""
+
+        def supports(self, x, weight, groups, pre=False):
+            return (False, "no prologue stage") if pre else (True, "")
+
+    class Takes(Backend):
+        name = "takes"
+
+        def available(self, device, dtype):
+            return True, ""
+
+    for be in (NoPrologue(), Takes()):
+        monkeypatch.setitem(backends._instances, be.name, be)
+        monkeypatch.setitem(backends._REGISTRY, be.name, "unused:" + type(be).__name__)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("noprologue", "takes", "torch"))
+    x = torch.randn(1, 4, 5, 5)
+    assert backends.resolve("noprologue", x).name == "noprologue"
+    assert backends.resolve("noprologue", x, pre=True).name == "takes"
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("noprologue", "torch"))
+    assert backends.resolve("noprologue", x, pre=True).name == "torch"

@@ -70,7 +70,7 @@ def test_resnet50_triton_kernels_use_tensor_cores_without_spills(dtype, archs_, 
     for arch in archs_:
         spec = archs.get_arch(arch)
         mine = [r for r in rows if r["arch"] == arch]
-        assert {r["label"] for r in mine} == {rep.layer_label(l) for l in layers}, "a layer has no row"
+        assert {r["label"] for r in mine} == {rep.layer_label(layer) for layer in layers}, "a layer has no row"
         for r in mine:
             where = f"{arch} {r['label']} {r['config']['name']}"
             assert not r.get("error"), where + ": " + r["error"]

@@ -75,6 +75,7 @@ def test_conv_matches_float64_reference(name, residual, relu, pre, dtype):
 def test_conv_64bit_offsets(monkeypatch):
     # The 64-bit index path, on a small tensor: force the switch the launcher sets for huge ones.
     monkeypatch.setattr(conv_kernels, "INT32_INDEX_LIMIT", 0)
+    monkeypatch.setattr(conv_kernels, "_plans", {})  # launch plans hold the index width
     for name in ("3x3_s2", "7x7_s2_stem"):
         args = make_conv(name, torch.float32, residual=True, pre=True)
         assert rel_err(launch(args, True), reference(args, True, torch.float64)) < 1e-5
@@ -90,8 +91,8 @@ def test_conv_explicit_config_by_name():
 
 
 def test_prune_configs():
-    # Called as triton's autotuner calls it: positional launch arguments in named_args (none
-    # here: the launcher passes everything by keyword), the rest as keywords.
+    # Called as triton's autotuner calls it: positional launch arguments (the launcher's
+    # tensors) in named_args, the rest as keywords.
     configs = list(conv_kernels.conv_configs().values())
     narrow = conv_kernels.prune_configs(configs, {}, Cout=64, HAS_RESIDUAL=False, res_ptr=None)
     assert narrow and all(c.kwargs["BLOCK_N"] <= 64 for c in narrow)
@@ -99,6 +100,36 @@ def test_prune_configs():
     fp32_res = conv_kernels.prune_configs(configs, {}, Cout=2048, HAS_RESIDUAL=True, res_ptr=res)
     assert fp32_res and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 32 * c.num_warps for c in fp32_res)
     assert conv_kernels.prune_configs(configs, {"Cout": 2048}) == configs
+
+
+def test_launch_plan_keeps_the_autotuned_config(monkeypatch):
+    """A layer's first launch goes through the autotuner; later ones go straight to the kernel
+    with its pick (on a GPU host the autotuner's per-call work costs ~25 us of a ~190 us call)."""
+    picked = conv_kernels.INTERPRETER_CONFIG
+
+    class Tuner:  # stands in for triton's Autotuner, which the interpreter does not use
+        best_config, calls = None, 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.calls += 1
+                self.best_config = picked
+                conv_kernels.conv_bn_act_kernel[grid(picked.kwargs)](*args, **kwargs, **picked.all_kwargs())
+            return run
+
+    tuner = Tuner()
+    monkeypatch.setattr(conv_kernels, "_tuned_kernels", {False: tuner, True: tuner})
+    monkeypatch.setattr(conv_kernels, "_resolve_config", lambda config: config)  # tune, as on a GPU
+    monkeypatch.setattr(conv_kernels, "_plans", {})
+    for _ in range(3):  # fresh inputs every call: the plan holds no tensor
+        args = make_conv("3x3_s2", torch.float32, residual=True, pre=True)
+        ref = reference(args, True, torch.float64)
+        out = torch.full(ref.shape, float("nan")).contiguous(memory_format=torch.channels_last)
+        assert rel_err(launch(args, True, out=out), ref) < 1e-5
+    assert tuner.calls == 1 and len(conv_kernels._plans) == 1
+    args = make_conv("3x3_s2", torch.float32, residual=False, pre=True)  # another layer call
+    launch(args, True)
+    assert tuner.calls == 2 and len(conv_kernels._plans) == 2
 
 
 def test_conv_launcher_rejects_nchw():

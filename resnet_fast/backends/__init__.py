@@ -4,8 +4,10 @@ Choice order, most specific first: the ``backend=`` argument of a call, the back
 module, the ``RESNET_FAST_BACKEND`` environment variable, then ``"auto"``. ``"auto"`` takes the
 first backend of :data:`AUTO_ORDER` that is available for the tensor's device and dtype and
 supports the call, and logs once why it passed over the others. A backend named explicitly
-that cannot run on the device at all raises; one that cannot take a particular shape (e.g.
-grouped convs) falls back to ``torch`` for that call, logged once with the reason.
+that cannot run on the device at all raises; one that cannot take a particular call (e.g.
+grouped convs, or the pre-activation prologue on ``cuda``) falls back, for that call, to the
+first backend of :data:`AUTO_ORDER` that can (``torch`` at the latest), logged once with the
+reason.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool
 
 
 def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-            groups: int = 1) -> Backend:
-    """The backend that runs a call on x (see the module doc for the order of choice).
+            groups: int = 1, pre: bool = False) -> Backend:
+    """The backend that runs a call on x (see the module doc for the order of choice); ``pre``:
+    the call has a pre-activation prologue.
 
     A Backend object passes through unchanged: the caller already resolved it for this call.
     """
@@ -85,7 +88,7 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
         for cand in AUTO_ORDER:
             ok, why = available(cand, x.device, x.dtype)
             if ok:
-                ok, why = get(cand).supports(x, weight, groups)
+                ok, why = get(cand).supports(x, weight, groups, pre=pre)
             if ok:
                 if reasons:
                     # landing on the reference math on a GPU is worth a warning; on the CPU it
@@ -100,12 +103,17 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
     ok, why = be.available(x.device, x.dtype)
     if not ok:
         raise RuntimeError(f"backend {name!r} cannot run on {x.device.type} with {x.dtype}: {why}")
-    ok, why = be.supports(x, weight, groups)
-    if not ok:
-        say_once(f"resnet_fast: backend {name!r} falls back to 'torch' for this call: {why}",
-                 logging.WARNING)
-        return get("torch")
-    return be
+    ok, why = be.supports(x, weight, groups, pre=pre)
+    if ok:
+        return be
+    # the fastest backend that can take this call; torch takes every call
+    for cand in AUTO_ORDER:
+        if cand != name and available(cand, x.device, x.dtype)[0] and \
+                get(cand).supports(x, weight, groups, pre=pre)[0]:
+            say_once(f"resnet_fast: backend {name!r} falls back to {cand!r} for this call: {why}",
+                     logging.WARNING)
+            return get(cand)
+    raise RuntimeError(f"backend {name!r} cannot take this call ({why}) and no other backend can")
 
 
 def _import_all() -> None:

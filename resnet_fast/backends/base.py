@@ -20,7 +20,9 @@ class Backend:
     def available(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         raise NotImplementedError
 
-    def supports(self, x: torch.Tensor, weight: torch.Tensor | None, groups: int) -> tuple[bool, str]:
+    def supports(self, x: torch.Tensor, weight: torch.Tensor | None, groups: int,
+                 pre: bool = False) -> tuple[bool, str]:
+        """Whether this backend's kernel takes the call (``pre``: with a pre-activation prologue)."""
         return True, ""
 
     def pack_weight(self, w: torch.Tensor) -> torch.Tensor:

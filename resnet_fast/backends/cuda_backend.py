@@ -268,9 +268,11 @@ class CudaBackend(Backend):
             return False, f"{type(e).__name__}: {e}"
         return True, ""
 
-    def supports(self, x, weight, groups):
+    def supports(self, x, weight, groups, pre=False):
         if groups != 1:
             return False, f"grouped convolution (groups={groups}) is not implemented"
+        if pre:
+            return False, "the CUTLASS kernels have no pre-activation prologue"
         if x.dim() == 4 and x.shape[1] % 8:
             return False, f"input channels ({x.shape[1]}) must be a multiple of 8 (16-byte vectors)"
         if weight is not None and weight.shape[0] % 8:
@@ -280,7 +282,8 @@ class CudaBackend(Backend):
     def conv_bn_act(self, x, weight, bias, stride, padding, dilation, groups,
                     residual, relu, pre_scale, pre_bias):
         if pre_scale is not None:
-            # supports() cannot see the prologue; the CUTLASS kernels have no prologue stage.
+            # resolve() sends these calls elsewhere (supports(pre=True) says no); this is for a
+            # caller holding the backend object itself.
             say_once("resnet_fast: the cuda backend has no pre-activation prologue; running the "
                      "reference for convs with pre_scale/pre_bias", logging.WARNING)
             return ops.conv_bn_act_reference(x, weight, bias, stride, padding, dilation, groups,

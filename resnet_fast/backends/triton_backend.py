@@ -53,27 +53,27 @@ class TritonBackend(Backend):
                            "(set TRITON_INTERPRET=1 before resnet_fast's Triton kernels are imported)")
         return False, f"Triton has no target for {device.type} devices"
 
-    def supports(self, x, weight, groups):
+    def supports(self, x, weight, groups, pre=False):
         if groups != 1:
             return False, f"grouped convolution (groups={groups}) is not implemented in the Triton kernel"
         return True, ""
 
     def conv_bn_act(self, x, weight, bias, stride, padding, dilation, groups,
                     residual, relu, pre_scale, pre_bias):
-        return _conv_op(x, weight, bias, stride, padding, dilation, groups,
-                        residual, relu, pre_scale, pre_bias)
+        run = _conv_impl if ops.direct_call_ok(x) else _conv_op
+        return run(x, weight, bias, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias)
 
     # The kernel walks a and b as flat buffers; operands in two different memory orders go to
     # the torch backend instead.
     def add_relu(self, a, b):
         if not _add_relu.same_memory_order(a, b):
             return _fallback().add_relu(a, b)
-        return _add_relu_op(a, b)
+        return (_add_relu.add_relu if ops.direct_call_ok(a) else _add_relu_op)(a, b)
 
     def add_relu_(self, a, b):
         if not _add_relu.same_memory_order(a, b):
             return _fallback().add_relu_(a, b)
-        _add_relu_inplace_op(a, b)
+        (_add_relu_inplace_impl if ops.direct_call_ok(a) else _add_relu_inplace_op)(a, b)
 
 
 def _fallback() -> Backend:

@@ -81,7 +81,7 @@ def _layer_filter(regex: Optional[str]):
     import re
     from .layers import layer_label
     pat = re.compile(regex)
-    return lambda l: bool(pat.search(layer_label(l)) or any(pat.search(n) for n in l.get("names", [])))
+    return lambda layer: bool(pat.search(layer_label(layer)) or any(pat.search(n) for n in layer.get("names", [])))
 
 
 def options_from_args(a: argparse.Namespace) -> ReportOptions:

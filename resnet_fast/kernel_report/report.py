@@ -447,7 +447,7 @@ def build_report(opts: ReportOptions) -> dict:
     specs = _specs(opts)
     layers, unfused = distinct_layers(opts.model, opts.batch, opts.resolution)
     if opts.layer_filter is not None:
-        layers = [l for l in layers if opts.layer_filter(l)]
+        layers = [layer for layer in layers if opts.layer_filter(layer)]
     notes: dict = {}
     progress = Progress(0, "compiling kernels", enabled=opts.progress)
     timings = {}
@@ -481,7 +481,7 @@ def build_report(opts: ReportOptions) -> dict:
         for arch in opts.archs:
             have = {r["label"] for r in rows if r["backend"] == backend and r["arch"] == arch}
             if have:  # a backend/arch with no rows at all is explained by its own note
-                lost = [layer_label(l) for l in layers if layer_label(l) not in have]
+                lost = [layer_label(layer) for layer in layers if layer_label(layer) not in have]
                 skipped = (notes.get("cuda_skipped_layers", {}).get(arch, {}) if backend == "cuda"
                            else notes.get("triton_skipped_layers", {}))
                 lost = [x for x in lost if x not in skipped]
