@@ -258,8 +258,9 @@ def direct_call_ok(x: torch.Tensor) -> bool:
     tracing, jit tracing, a TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...) and the
     profiler must all see the op, so each of them takes the op.
     """
-    return (type(x) is torch.Tensor and not torch._C._len_torch_dispatch_stack()
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+    # is_compiling() first: under torch.compile it is a constant and the rest is never traced
+    return (not torch.compiler.is_compiling() and type(x) is torch.Tensor
+            and not torch._C._len_torch_dispatch_stack() and not torch.jit.is_tracing()
             and not torch.autograd._profiler_enabled())
 
 

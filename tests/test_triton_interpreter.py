@@ -5,6 +5,8 @@ when there is no GPU). Small shapes whose sizes are not multiples of the interpr
 bf16 convs are left out: tl.dot on bf16 in the interpreter (triton 3.8) gives garbage.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -159,6 +161,57 @@ def test_public_op_runs_triton_and_falls_back_for_groups():
     assert backends.resolve("triton", x, weight=w, groups=2).name == "torch"
     y = ops.conv_bn_act(x, w, torch.randn(4), 1, 1, 1, 2, backend="triton")
     assert y.shape == (1, 4, 5, 5)
+
+
+def _small_block():
+    import resnet_fast as rf
+    from torchvision.models import resnet
+
+    from .reference import randomize_bn
+    ref = randomize_bn(resnet.BasicBlock(16, 16)).eval()
+    return ref, rf.convert(copy.deepcopy(ref), backend="triton").eval()
+
+
+def test_eager_calls_skip_the_op_unless_something_watches(monkeypatch):
+    """Plain eager calls run the kernel directly; under a TorchDispatchMode (and the profiler,
+    tracing, compile) the registered op runs, so such tools still see it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from resnet_fast.backends import triton_backend
+
+    calls = []
+    real = triton_backend._conv_op
+    monkeypatch.setattr(triton_backend, "_conv_op", lambda *a: calls.append(1) or real(*a))
+    ref, ours = _small_block()
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=CL)
+    with torch.no_grad():
+        expect = ref.double()(x.double())
+        assert rel_err(ours(x), expect) < 1e-5 and calls == []
+
+        class Seen(TorchDispatchMode):
+            ops_seen: list = []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.ops_seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with Seen() as mode:
+            y = ours(x)
+        assert rel_err(y, expect) < 1e-5 and len(calls) == 2
+        assert sum("conv_bn_act_triton" in f for f in mode.ops_seen) == 2
+
+
+def test_compile_fullgraph_and_export_on_triton():
+    """The direct-call switch and the launch plans stay out of compiled graphs."""
+    ref, ours = _small_block()
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=CL)
+    with torch.no_grad():
+        y0 = ours(x)
+        compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+        assert rel_err(compiled(x), y0) < 1e-6
+        ep = torch.export.export(ours, (x,))
+    assert any("conv_bn_act_triton" in str(n.target) for n in ep.graph.nodes)
+    assert rel_err(ep.module()(x), y0) < 1e-6
 
 
 def test_available():
