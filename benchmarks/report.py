@@ -349,6 +349,10 @@ def main(argv=None) -> dict:
         {"layers": run_layers, "blocks": run_blocks, "e2e": run_e2e}[section]()
         write_json(report, out_dir)
 
+    if "triton" in cfg.backends:
+        # which tile each Triton layer ran with (the autotuner's picks), to read timings by
+        from resnet_fast.kernels import conv_bn_act as triton_conv
+        report["triton_configs"] = triton_conv.chosen_configs()
     report["skipped"] = dict(cfg.skipped)
     if cfg.skipped:
         progress.log("not run: " + "; ".join(f"{k}: {v}" for k, v in cfg.skipped.items()))

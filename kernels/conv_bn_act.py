@@ -382,6 +382,22 @@ def _plan(x, weight, stride, padding, dilation, residual: bool, relu: bool, pre:
 _MAX_PLANS = 4096
 
 
+def chosen_configs() -> list[dict]:
+    """The config each layer call of this process launched with (autotuned or fixed): for
+    reports, so that a timing can be read together with the tile that produced it."""
+    out = []
+    for key, plan in _plans.items():
+        x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, precision, _ = key
+        cfg = None if plan.kwargs is None else config_name(triton.Config(
+            {k: plan.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
+            num_warps=plan.kwargs["num_warps"], num_stages=plan.kwargs["num_stages"]))
+        out.append({"x": list(x_shape), "weight": list(w_shape), "stride": list(stride),
+                    "padding": list(padding), "dilation": list(dilation),
+                    "dtype": str(dtype).replace("torch.", ""), "residual": residual, "relu": relu,
+                    "pre": pre, "input_precision": precision, "config": cfg})
+    return out
+
+
 def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), padding=(0, 0),
                       dilation=(1, 1), *, residual=False, relu=True, pre=False,
                       config: triton.Config | str) -> dict:

@@ -132,6 +132,9 @@ def test_launch_plan_keeps_the_autotuned_config(monkeypatch):
     args = make_conv("3x3_s2", torch.float32, residual=False, pre=True)  # another layer call
     launch(args, True)
     assert tuner.calls == 2 and len(conv_kernels._plans) == 2
+    picks = conv_kernels.chosen_configs()
+    assert [p["config"] for p in picks] == [conv_kernels.config_name(picked)] * 2
+    assert picks[0]["x"] == [1, 18, 13, 10] and picks[0]["residual"] and not picks[1]["residual"]
 
 
 def test_conv_launcher_rejects_nchw():
