@@ -341,12 +341,12 @@ class _LaunchPlan:
     """What one layer's launches share: output shape, kernel arguments other than the tensors,
     and, once known, the config and grid. Keyed by everything it is derived from."""
 
-    __slots__ = ("out_shape", "scalars", "constexprs", "kwargs", "grid")
+    __slots__ = ("out_shape", "scalars", "constexprs", "config", "kwargs", "grid")
 
     def __init__(self, out_shape, scalars, constexprs, config):
         self.out_shape = torch.Size(out_shape)
         self.scalars, self.constexprs = scalars, constexprs
-        self.kwargs = self.grid = None
+        self.config = self.kwargs = self.grid = None
         if config is not None:
             self.set_config(config)
 
@@ -354,6 +354,7 @@ class _LaunchPlan:
         return (triton.cdiv(self.scalars["M"], meta["BLOCK_M"]) * triton.cdiv(self.scalars["Cout"], meta["BLOCK_N"]),)
 
     def set_config(self, config: triton.Config):
+        self.config = config
         self.grid = self.grid_fn(config.kwargs)
         self.kwargs = {**self.scalars, **self.constexprs, **config.all_kwargs()}
 
@@ -388,9 +389,7 @@ def chosen_configs() -> list[dict]:
     out = []
     for key, plan in _plans.items():
         x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, precision, _ = key
-        cfg = None if plan.kwargs is None else config_name(triton.Config(
-            {k: plan.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")},
-            num_warps=plan.kwargs["num_warps"], num_stages=plan.kwargs["num_stages"]))
+        cfg = None if plan.config is None else config_name(plan.config)
         out.append({"x": list(x_shape), "weight": list(w_shape), "stride": list(stride),
                     "padding": list(padding), "dilation": list(dilation),
                     "dtype": str(dtype).replace("torch.", ""), "residual": residual, "relu": relu,

@@ -124,14 +124,15 @@ class FoldCache:
         if tkey is None:
             return _fold(conv, bn, pre_bn, dtype, backend)
         key = (tkey, getattr(bn, "eps", None), getattr(pre_bn, "eps", None), dtype, backend.name)
-        if key != self._key or any(r() is not t for r, t in zip(self._refs, [t for t in tensors if t is not None])):
+        live = [t for t in tensors if t is not None]
+        if key != self._key or any(r() is not t for r, t in zip(self._refs, live)):
             self._value = _fold(conv, bn, pre_bn, dtype, backend)
             self._key = key
-            self._refs = tuple(weakref.ref(t) for t in tensors if t is not None)
+            self._refs = tuple(weakref.ref(t) for t in live)
             # Holding the storages keeps their addresses from being reused by a later tensor
             # (``param.data = ...`` swaps storage without bumping the version counter, so a
             # reused address with an unchanged version would look like the folded data).
-            self._pins = tuple(t.untyped_storage() for t in tensors if t is not None)
+            self._pins = tuple(t.untyped_storage() for t in live)
             self.checked = None
         return self._value
 

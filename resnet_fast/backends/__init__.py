@@ -73,6 +73,18 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool
         return False, f"{type(e).__name__}: {e}"
 
 
+def _takers(x: torch.Tensor, weight, groups: int, pre: bool, skip: Optional[str] = None):
+    """Walk AUTO_ORDER: (name, ok, why) for each backend but ``skip``, ok when it is available
+    for x and supports the call."""
+    for cand in AUTO_ORDER:
+        if cand == skip:
+            continue
+        ok, why = available(cand, x.device, x.dtype)
+        if ok:
+            ok, why = get(cand).supports(x, weight, groups, pre=pre)
+        yield cand, ok, why
+
+
 def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor] = None,
             groups: int = 1, pre: bool = False) -> Backend:
     """The backend that runs a call on x (see the module doc for the order of choice); ``pre``:
@@ -85,10 +97,7 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
     name = validate_name(name) or default_name()
     if name == "auto":
         reasons = []
-        for cand in AUTO_ORDER:
-            ok, why = available(cand, x.device, x.dtype)
-            if ok:
-                ok, why = get(cand).supports(x, weight, groups, pre=pre)
+        for cand, ok, why in _takers(x, weight, groups, pre):
             if ok:
                 if reasons:
                     # landing on the reference math on a GPU is worth a warning; on the CPU it
@@ -107,13 +116,11 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
     if ok:
         return be
     # the fastest backend that can take this call; torch takes every call
-    for cand in AUTO_ORDER:
-        if cand != name and available(cand, x.device, x.dtype)[0] and \
-                get(cand).supports(x, weight, groups, pre=pre)[0]:
-            say_once(f"resnet_fast: backend {name!r} falls back to {cand!r} for this call: {why}",
-                     logging.WARNING)
-            return get(cand)
-    raise RuntimeError(f"backend {name!r} cannot take this call ({why}) and no other backend can")
+    cand = next((c for c, took, _ in _takers(x, weight, groups, pre, skip=name) if took), None)
+    if cand is None:
+        raise RuntimeError(f"backend {name!r} cannot take this call ({why}) and no other backend can")
+    say_once(f"resnet_fast: backend {name!r} falls back to {cand!r} for this call: {why}", logging.WARNING)
+    return get(cand)
 
 
 def _import_all() -> None:
