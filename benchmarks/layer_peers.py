@@ -1,11 +1,13 @@
 """The per-layer section: every distinct conv of the model (with its BN, residual and ReLU),
 timed on every peer in the same run, on the same inputs:
 
-    eager_nchw      F.conv2d + F.batch_norm (+ residual) + relu, NCHW (cuDNN), BN params in dtype
+    eager_nchw      [relu(F.batch_norm)] + F.conv2d [+ F.batch_norm] (+ residual) (+ relu), NCHW
+                    (cuDNN), BN params in dtype
     eager_cl        the same, channels_last: the baseline of every speed-up
     folded_compile  BN folded into the conv weight; conv + bias (+ residual) + relu through
                     torch.compile (what inductor makes of it: cuDNN conv + one fused epilogue)
-    rf_<backend>    resnet_fast.ops.conv_bn_act on that backend, weights packed beforehand
+    rf_<backend>    resnet_fast.ops.conv_bn_act on that backend, weights packed beforehand; for
+                    a conv with a prologue also timed without it (``without_pre_us``)
 
 Each peer's error is taken against the same layer in the reference dtype (fp32 without TF32 on
 a GPU, fp64 on CPU) with the unfolded BatchNorm, on the first input of the ring.
@@ -34,12 +36,17 @@ def peer_names(cfg: Config) -> list[str]:
     return list(BASE_PEERS) + [f"rf_{b}" for b in cfg.backends]
 
 
-def _eager(w, bn, stride, padding, dilation, groups, relu):
-    rm, rv, bw, bb, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
+def _bn(y, bn):
+    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
 
+
+def _eager(w, bias, bn, stride, padding, dilation, groups, relu, pre_bn=None):
     def f(x, r=None):
-        y = F.conv2d(x, w, None, stride, padding, dilation, groups)
-        y = F.batch_norm(y, rm, rv, bw, bb, False, 0.0, eps)
+        if pre_bn is not None:
+            x = torch.relu_(_bn(x, pre_bn))
+        y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
+        if bn is not None:
+            y = _bn(y, bn)
         if r is not None:
             y += r                      # torchvision: out += identity
         return torch.relu_(y) if relu else y   # nn.ReLU(inplace=True)
@@ -49,7 +56,9 @@ def _eager(w, bn, stride, padding, dilation, groups, relu):
 def _folded(stride, padding, dilation, groups, relu):
     # Built per layer (stride etc. are constants of the graph), compiled after a dynamo reset
     # so no recompile limit can quietly send a layer back to eager.
-    def f(x, w, b, r):
+    def f(x, w, b, r, pre_scale=None, pre_bias=None):
+        if pre_scale is not None:
+            x = torch.relu(x.float() * pre_scale.view(1, -1, 1, 1) + pre_bias.view(1, -1, 1, 1)).to(w.dtype)
         y = F.conv2d(x, w, None, stride, padding, dilation, groups).float() + b.view(1, -1, 1, 1)
         if r is not None:
             y = y + r.float()
@@ -88,44 +97,57 @@ def _estimate(est, layer_dict: dict, cfg: Config, peaks: dict, backend: str | No
         return f"error: {type(e).__name__}: {e}"
 
 
-def peer_fn(peer: str, layer: ConvLayer, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d,
-            w_fold: torch.Tensor, b_fold: torch.Tensor, example_cl: torch.Tensor):
+def peer_fn(peer: str, layer: ConvLayer, conv: torch.nn.Conv2d, bn, pre_bn,
+            w_fold: torch.Tensor, b_fold: torch.Tensor, pre: tuple, example_cl: torch.Tensor,
+            with_pre: bool = True):
     """(fn(x, residual), input layout "nchw"|"cl", note) for one peer of one layer.
 
-    conv/bn are the layer's modules in the run dtype; w_fold/b_fold their fold
-    (resnet_fast.fold_conv_bn); note says e.g. that a backend falls back for this shape."""
+    conv/bn/pre_bn are the layer's modules in the run dtype; w_fold/b_fold their fold
+    (resnet_fast.fold_conv_bn), ``pre`` the prologue's fp32 (scale, shift) or (None, None);
+    note says e.g. that a backend falls back for this shape. ``with_pre=False``: an rf peer
+    without its prologue (the same conv on the same input), to read what the prologue costs."""
     from resnet_fast import backends, ops
 
     cl = torch.channels_last
     s, p, d, g = list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
     if peer == "eager_nchw":
-        return _eager(conv.weight, bn, s, p, d, g, layer.relu), "nchw", None
+        return _eager(conv.weight, conv.bias, bn, s, p, d, g, layer.relu, pre_bn), "nchw", None
     if peer == "eager_cl":
-        return _eager(conv.weight.contiguous(memory_format=cl), bn, s, p, d, g, layer.relu), "cl", None
+        return (_eager(conv.weight.contiguous(memory_format=cl), conv.bias, bn, s, p, d, g,
+                       layer.relu, pre_bn), "cl", None)
     if peer == "folded_compile":
         torch._dynamo.reset()
         fn = torch.compile(_folded(s, p, d, g, layer.relu), dynamic=False)
         w = w_fold.contiguous(memory_format=cl)
-        return (lambda x, r: fn(x, w, b_fold, r)), "cl", None
+        return (lambda x, r: fn(x, w, b_fold, r, *pre)), "cl", None
     if not peer.startswith("rf_"):
         raise ValueError(f"unknown peer {peer!r}")
     name = peer[len("rf_"):]
     be = backends.get(name)
     wp = be.pack_weight(w_fold)
-    ok, why = be.supports(example_cl, wp, g)
-    note = None if ok else f"falls back to torch: {why}"
+    ps, pt = pre if with_pre else (None, None)
+    ok, why = be.supports(example_cl, wp, g, pre=ps is not None)
+    note = None if ok else f"falls back: {why}"
     return (lambda x, r: ops.conv_bn_act(x, wp, b_fold, s, p, d, g, residual=r, relu=layer.relu,
-                                         backend=name)), "cl", note
+                                         pre_scale=ps, pre_bias=pt, backend=name)), "cl", note
 
 
 @torch.no_grad()
 def _reference(layer: ConvLayer, x: torch.Tensor, r, ref_dtype: torch.dtype) -> torch.Tensor:
-    c, bn = layer.conv, layer.bn
+    c = layer.conv
+
+    def bn(y, m):
+        return F.batch_norm(y, m.running_mean.to(ref_dtype), m.running_var.to(ref_dtype),
+                            m.weight.to(ref_dtype), m.bias.to(ref_dtype), False, 0.0, m.eps)
+
     with tf32_off():
-        y = F.conv2d(x.to(ref_dtype), c.weight.to(ref_dtype), None, c.stride, c.padding,
-                     c.dilation, c.groups)
-        y = F.batch_norm(y, bn.running_mean.to(ref_dtype), bn.running_var.to(ref_dtype),
-                         bn.weight.to(ref_dtype), bn.bias.to(ref_dtype), False, 0.0, bn.eps)
+        x = x.to(ref_dtype)
+        if layer.pre_bn is not None:
+            x = torch.relu(bn(x, layer.pre_bn))
+        y = F.conv2d(x, c.weight.to(ref_dtype), None if c.bias is None else c.bias.to(ref_dtype),
+                     c.stride, c.padding, c.dilation, c.groups)
+        if layer.bn is not None:
+            y = bn(y, layer.bn)
         if r is not None:
             y = y + r.to(ref_dtype)
         return torch.relu(y) if layer.relu else y
@@ -134,11 +156,13 @@ def _reference(layer: ConvLayer, x: torch.Tensor, r, ref_dtype: torch.dtype) -> 
 @torch.no_grad()
 def measure_layer(cfg: Config, layer: ConvLayer, idx: int, peers: list[str], peaks: dict) -> dict:
     import resnet_fast
+    from resnet_fast.fold import bn_scale_shift
 
     dev, dt, B = cfg.device, cfg.dtype, cfg.batch
     cl = torch.channels_last
     conv = copy.deepcopy(layer.conv).to(dt)      # the layer as the eager bf16 model holds it
-    bn = copy.deepcopy(layer.bn).to(dt)
+    bn = copy.deepcopy(layer.bn).to(dt) if layer.bn is not None else None
+    pre_bn = copy.deepcopy(layer.pre_bn).to(dt) if layer.pre_bn is not None else None
     itemsize = torch.empty((), dtype=dt).element_size()
     x_shape = (B, *layer.in_shape)
     r_shape = (B, *layer.out_shape) if layer.residual else None
@@ -154,13 +178,15 @@ def measure_layer(cfg: Config, layer: ConvLayer, idx: int, peers: list[str], pea
     ref = _reference(layer, xs[0], rs[0], cfg.ref_dtype)
 
     w_fold, b_fold = resnet_fast.fold_conv_bn(conv, bn)   # as the converted model folds it
+    # the prologue as the fold cache makes it: fp32 scale/shift of the fp32 model's BN
+    pre = tuple(bn_scale_shift(pre_bn)) if pre_bn is not None else (None, None)
     row = layer.describe(B, itemsize)
     row.update(ring=k, results={})
 
     for peer in peers:
         res: dict = {}
         try:
-            fn, layout, note = peer_fn(peer, layer, conv, bn, w_fold, b_fold, xs_cl[0])
+            fn, layout, note = peer_fn(peer, layer, conv, bn, pre_bn, w_fold, b_fold, pre, xs_cl[0])
             ring = ring_nchw if layout == "nchw" else ring_cl
             if note:
                 res["note"] = note
@@ -171,6 +197,14 @@ def measure_layer(cfg: Config, layer: ConvLayer, idx: int, peers: list[str], pea
                       max_reps=cfg.max_layer_reps, hide_launch=True)
             res.update(t.as_dict())
             res["median_us"] = t.median_ms * 1e3
+            if layer.pre and peer.startswith("rf_"):
+                # the same kernel without the prologue, on the same ring: the prologue's cost
+                bare, _, _ = peer_fn(peer, layer, conv, bn, pre_bn, w_fold, b_fold, pre, xs_cl[0],
+                                     with_pre=False)
+                bare(*ring[0])
+                tb = bench(bare, ring, device=dev, warmup=cfg.warmup, target_ms=cfg.layer_target_ms,
+                           max_reps=cfg.max_layer_reps, hide_launch=True)
+                res["without_pre_us"] = tb.median_ms * 1e3
         except Exception as e:   # one broken peer must not lose the whole run
             res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             if dev.type == "cuda":
@@ -212,6 +246,8 @@ def run(cfg: Config, layers: list[ConvLayer], peaks: dict, checkpoint=None) -> d
         for p in peers:
             r = row["results"].get(p, {})
             bits.append(f"{p} {r['median_us']:.0f}us" if "median_us" in r else f"{p} ERR")
+            if "without_pre_us" in r:
+                bits[-1] += f" (without prologue {r['without_pre_us']:.0f}us)"
         progress.log(f"  layer {i + 1}/{len(layers)} {row['name']} ({row['label']}, {row['epilogue']}, "
                      f"x{row['multiplicity']}): " + ", ".join(bits))
         if checkpoint is not None:

@@ -1,15 +1,22 @@
-"""The distinct convolutions of a torchvision ResNet: shape + epilogue, and how often each
-occurs. A conv's epilogue is what follows its BatchNorm in the block:
+"""The distinct convolutions of a ResNet: shape + epilogue, and how often each occurs.
+
+A torchvision ResNet pairs each conv with its BN by the block's structure (:func:`conv_units`);
+any other model (timm's, pre-activation ones) is converted and its units read off the fused
+graph (:func:`graph_units`). A conv's epilogue is what follows its (optional) BatchNorm:
 
     relu            stem conv1, a bottleneck's conv1/conv2, a basic block's conv1
     residual+relu   the block's last conv (the identity or downsample output added, then ReLU)
+    residual        a pre-activation block's last conv (the add, no ReLU after it)
     none            the downsample conv (its output is the residual of the block's last conv)
+
+and ``pre_bn`` the BN (+ ReLU) a pre-activation conv applies to its input as it loads it.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -18,11 +25,12 @@ import torch
 class ConvLayer:
     name: str                       # first occurrence, e.g. "layer2.0.conv2"
     conv: torch.nn.Conv2d           # of that occurrence (the fp32 model's)
-    bn: torch.nn.BatchNorm2d
-    epilogue: str                   # "relu" | "residual+relu" | "none"
+    bn: Optional[torch.nn.BatchNorm2d]
+    epilogue: str                   # "relu" | "residual+relu" | "residual" | "none"
     in_shape: tuple                 # (C, H, W) of the input, per image
     out_shape: tuple                # (C, H, W) of the output, per image
     names: list = field(default_factory=list)   # every occurrence
+    pre_bn: Optional[torch.nn.BatchNorm2d] = None  # relu(pre_bn(x)) applied on load
 
     @property
     def multiplicity(self) -> int:
@@ -30,16 +38,25 @@ class ConvLayer:
 
     @property
     def residual(self) -> bool:
-        return self.epilogue == "residual+relu"
+        return "residual" in self.epilogue
 
     @property
     def relu(self) -> bool:
-        return self.epilogue != "none"
+        return "relu" in self.epilogue
+
+    @property
+    def pre(self) -> bool:
+        return self.pre_bn is not None
+
+    def full_epilogue(self) -> str:
+        """The epilogue with the prologue named too (the kernel report's strings)."""
+        return f"pre+{self.epilogue}" if self.pre else self.epilogue
 
     def key(self) -> tuple:
         c = self.conv
         return (c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation,
-                c.groups, self.in_shape[1:], self.epilogue)
+                c.groups, self.in_shape[1:], self.epilogue, self.pre, c.bias is not None,
+                self.bn is not None)
 
     def flops(self, batch: int) -> float:
         c = self.conv
@@ -54,7 +71,7 @@ class ConvLayer:
 
         c = self.conv
         return conv_bytes({"batch": batch, "cin": c.in_channels, "cout": c.out_channels,
-                           "kernel": c.kernel_size, "groups": c.groups, "epilogue": self.epilogue,
+                           "kernel": c.kernel_size, "groups": c.groups, "epilogue": self.full_epilogue(),
                            "h": self.in_shape[1], "w": self.in_shape[2],
                            "ho": self.out_shape[1], "wo": self.out_shape[2]}, itemsize)
 
@@ -62,7 +79,7 @@ class ConvLayer:
         c = self.conv
         kh, kw = c.kernel_size
         return (f"{c.in_channels}->{c.out_channels} {kh}x{kw}/s{c.stride[0]} "
-                f"{self.in_shape[1]}x{self.in_shape[2]}")
+                f"{self.in_shape[1]}x{self.in_shape[2]}" + (" pre" if self.pre else ""))
 
     def describe(self, batch: int, itemsize: int) -> dict:
         c = self.conv
@@ -72,7 +89,8 @@ class ConvLayer:
                 "groups": c.groups, "in_hw": list(self.in_shape[1:]), "out_hw": list(self.out_shape[1:]),
                 "batch": batch, "h": self.in_shape[1], "w": self.in_shape[2],   # the keys
                 "ho": self.out_shape[1], "wo": self.out_shape[2],            # kernel_report reads
-                "epilogue": self.epilogue, "label": self.label(), "flops": self.flops(batch),
+                "epilogue": self.epilogue, "pre": self.pre, "bn": self.bn is not None,
+                "bias": c.bias is not None, "label": self.label(), "flops": self.flops(batch),
                 "bytes": self.bytes(batch, itemsize)}
 
 
@@ -114,13 +132,51 @@ def conv_shapes(model: torch.nn.Module, resolution: int) -> dict[str, tuple[tupl
     return shapes
 
 
+def graph_units(model: torch.nn.Module) -> list[tuple]:
+    """(name, conv, bn, epilogue, pre_bn) for every fused unit of any model the graph converter
+    takes (timm's ResNets, pre-activation ones, user-written blocks), in forward order.
+
+    A copy of the model is converted on the meta device; the names its fused graphs give each
+    unit's conv, BN and prologue BN are resolved in ``model`` itself."""
+    import warnings
+
+    import resnet_fast
+    from resnet_fast.fx_fusion import fused_graph_of
+
+    meta = copy.deepcopy(model).to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # units it cannot convert are simply not measured
+        conv_model = resnet_fast.convert(meta, backend="torch")
+    kinds = {r["name"]: r["fused"] for r in resnet_fast.fusion_summary(conv_model)}
+    units = []
+    for prefix, m in conv_model.named_modules():
+        g = fused_graph_of(m)
+        if g is None:
+            continue
+        for _, *names in g.units:
+            conv_name, bn_name, pre_name = (f"{prefix}.{n}" if prefix and n else n for n in names)
+            k = kinds.get(conv_name, ())
+            epi = "+".join(p for p in ("residual", "relu") if p in k) or "none"
+            units.append((conv_name, model.get_submodule(conv_name),
+                          model.get_submodule(bn_name) if bn_name else None, epi,
+                          model.get_submodule(pre_name) if pre_name else None))
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(units, key=lambda u: order[u[0]])
+
+
 def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
-    """The model's distinct convs (same shape and epilogue counted once), in forward order."""
+    """The model's distinct convs (same shape and epilogue counted once), in forward order:
+    torchvision ResNets by their block structure, any other model by its fused graph."""
+    from torchvision.models.resnet import ResNet  # lazy: see models.py
+
     shapes = conv_shapes(model, resolution)
+    units = ([u + (None,) for u in conv_units(model)] if isinstance(model, ResNet)
+             else graph_units(model))
     seen: dict[tuple, ConvLayer] = {}
-    for name, conv, bn, epi in conv_units(model):
+    for name, conv, bn, epi, pre_bn in units:
         ins, outs = shapes[name]
-        layer = ConvLayer(name=name, conv=conv, bn=bn, epilogue=epi, in_shape=ins, out_shape=outs)
+        layer = ConvLayer(name=name, conv=conv, bn=bn, epilogue=epi, in_shape=ins, out_shape=outs,
+                          pre_bn=pre_bn)
         k = layer.key()
         if k in seen:
             seen[k].names.append(name)

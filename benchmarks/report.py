@@ -297,25 +297,21 @@ def main(argv=None) -> dict:
     flops = models.count_flops(model32, cfg.resolution)
     itemsize = torch.empty((), dtype=cfg.dtype).element_size()
     if cfg.model.startswith("timm:"):
-        # the per-layer and per-block sections pair each conv with its BN by torchvision's
-        # structure; timm models are measured end to end
-        convs = []
-        for section in ("layers", "blocks"):
-            if section in cfg.sections:
-                cfg.sections.remove(section)
-                cfg.skipped[section] = "per-layer/per-block sections cover torchvision ResNets"
-        bytes_per_image = layers.conv_bytes_per_image(model32, cfg.resolution, itemsize)
-    else:
-        convs = layers.distinct_convs(model32, cfg.resolution)
-        bytes_per_image = sum(L.bytes(1, itemsize) * L.multiplicity for L in convs)
+        # the per-block section cuts a model into torchvision's stem and stages; timm models
+        # get the per-layer section (their fused units) and the whole forward
+        if "blocks" in cfg.sections:
+            cfg.sections.remove("blocks")
+            cfg.skipped["blocks"] = "the per-block section covers torchvision ResNets"
+    convs = layers.distinct_convs(model32, cfg.resolution)
+    bytes_per_image = sum(L.bytes(1, itemsize) * L.multiplicity for L in convs)
     report["model"] = {"flops_per_image": flops["per_image"], "convs": sum(L.multiplicity for L in convs),
                        "distinct_convs": len(convs), "conv_bytes_per_image": bytes_per_image,
                        "flops_note": "2*MACs of every conv and the fc",
                        "bytes_note": "sum over convs of input + weight + output (+ residual) bytes: "
                                      "the traffic of one fused kernel per conv"}
     summ = resnet_fast.fusion_summary(resnet_fast.convert(models.cast(model32, cfg.dtype), backend="torch"))
-    report["fusion_summary"] = [{"name": r["name"], "fused": list(r["fused"]), "reason": r["reason"]}
-                                for r in summ]
+    report["fusion_summary"] = [{"name": r["name"], "fused": list(r["fused"]), "reason": r["reason"],
+                                 "runs_fused": r["runs_fused"]} for r in summ]
     n_fused = sum(1 for r in summ if r["fused"])
     progress.log(f"\nFusion summary of the converted {cfg.model}: {n_fused}/{len(summ)} convs fused\n{summ}\n")
     json_path = write_json(report, out_dir)

@@ -141,7 +141,7 @@ def measure(cfg: Config, name: str, model32, xs: list, ref: torch.Tensor, flops:
         if name.startswith("rf_") and not name.endswith("_graph"):
             import resnet_fast
             summ = resnet_fast.fusion_summary(fn)
-            res["convs_unfused"] = [r["name"] for r in summ if not r["fused"]]
+            res["convs_unfused"] = [r["name"] for r in summ if not r.get("runs_fused", r["fused"])]
     except Exception as e:
         res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
     finally:

@@ -93,14 +93,18 @@ INTERPRETER_CONFIG = _config(32, 16, 16, 4, 1)
 
 
 @triton.jit
-def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr):
+def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED: tl.constexpr):
     # relu(x * scale + shift) on the loaded tile, rounded back to the input dtype as the
     # reference does. Padding taps must stay 0 after the transform (the conv pads pre(x), not x),
-    # hence the final where: relu(0 * scale + shift) is not 0 when shift > 0.
+    # hence the final where: relu(0 * scale + shift) is not 0 when shift > 0. Without padding
+    # the only masked elements are channels past Cin (scale = shift = 0 there, so they stay 0)
+    # and rows past M (never stored), so the select is skipped.
     scale = tl.load(pre_scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(pre_bias_ptr + c, mask=c_ok, other=0.0)
     t = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-    return tl.where(ok, t, 0.0).to(a.dtype)
+    if PADDED:
+        t = tl.where(ok, t, 0.0)
+    return t.to(a.dtype)
 
 
 @triton.jit
@@ -166,7 +170,7 @@ def conv_bn_act_kernel(
             a = tl.load(x_ptr + (((img[:, None] * H + ih) * W + iw) * Cin + c[None, :]),
                         mask=a_ok, other=0.0)
             if HAS_PRE:
-                a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr)
+                a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
             b = tl.load(w_ptr + (w_rows[None, :] + k[:, None]),
                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -189,7 +193,7 @@ def conv_bn_act_kernel(
             a = tl.load(x_ptr + ((x_rows + (dh * W + dw) * Cin)[:, None] + c[None, :]),
                         mask=a_ok, other=0.0)
             if HAS_PRE:
-                a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr)
+                a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
             b = tl.load(w_ptr + (w_rows[None, :] + (tap * Cin + c)[:, None]),
                         mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)

@@ -183,13 +183,19 @@ class FusionSummary(list):
 
 
 def fusion_summary(model: nn.Module) -> FusionSummary:
-    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason"} (see FUSED_KINDS).
+    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused"}.
 
     "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
-    (empty when none); "reason" None, or why it is not (or not fully) fused.
+    (see FUSED_KINDS; empty when none); "reason" None, or why it is not (or not fully) fused;
+    "runs_fused" whether the conv runs on resnet_fast's conv op in eval() (every fused conv,
+    and a stem with nothing to fuse: see fx_patterns.BARE_UNIT_MAX_CIN).
     """
     covered = {}
+    on_op = set()
     for prefix, m in model.named_modules():
+        fg = fx_fusion.fused_graph_of(m)
+        if fg is not None:
+            on_op.update(f"{prefix}.{conv}" if prefix else conv for _, conv, *_ in fg.units)
         rows = getattr(m, "fusion_rows", None)
         if rows is None or not callable(rows):
             continue
@@ -203,7 +209,8 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
         fused, reason = covered.get(name, ((), None))
         if not fused and reason is None:
             reason = _nearest_note(notes, name) or "not part of a recognised conv pattern"
-        out.append({"name": name, "fused": fused, "reason": reason})
+        out.append({"name": name, "fused": fused, "reason": reason,
+                    "runs_fused": bool(fused) or name in on_op})
     return out
 
 

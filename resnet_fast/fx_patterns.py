@@ -23,6 +23,10 @@ This module only reads a graph and says what to fuse (:func:`find_units`); rewri
   epilogue becomes a prologue of the convs it feeds (pre-activation). It does so only when its
   BN+ReLU output feeds nothing but convs: a tensor also needed elsewhere (a shortcut, say) is
   computed once anyway, and convs reading it is cheaper than each recomputing it.
+* A conv with nothing to fuse stays an ``nn.Conv2d`` (cuDNN) unless it reads fewer than
+  :data:`BARE_UNIT_MAX_CIN` channels: an image stem with no BN after it (pre-activation
+  ResNets), which cuDNN's channels_last kernels run poorly and the fused kernels' narrow-input
+  path does not. Its summary row still says nothing was fused.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ from torch import fx, nn
 from .modules import conv_refusal, fused_kinds, has_hooks, norm_kind, special_leaf
 
 Node = fx.Node
+
+#: a conv with nothing to fuse still becomes a unit (runs on the fused op) when it reads fewer
+#: channels than this: an image stem (see the module doc)
+BARE_UNIT_MAX_CIN = 8
 
 # --------------------------------------------------------------------------------------
 # What a node is
@@ -187,6 +195,11 @@ class Unit:
     def fuses_anything(self) -> bool:
         return self.bn is not None or self.relu or self.add is not None or self.pre is not None
 
+    @property
+    def runs_fused(self) -> bool:
+        """Whether the unit replaces its nodes: it fuses something, or it is a stem."""
+        return self.fuses_anything or self.module.in_channels < BARE_UNIT_MAX_CIN
+
     def kinds(self) -> tuple:
         return fused_kinds(self.module, self.bn.module if self.bn else None, self.relu,
                            self.add is not None, self.pre.norm.module if self.pre else None)
@@ -318,9 +331,10 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> Plan:
                                                 "computed once and read")
 
     rows: dict[str, tuple[tuple, Optional[str]]] = {}
-    fused = [u for u in units.values() if u.fuses_anything]
+    fused = [u for u in units.values() if u.runs_fused]
     for u in fused:
-        rows.setdefault(u.conv.target, (u.kinds(), None))
+        if u.fuses_anything:
+            rows.setdefault(u.conv.target, (u.kinds(), None))
     for c in convs:
         if c.target not in rows:
             rows[c.target] = ((), reasons.get(c) or issues.get(c.target) or _why_nothing(c, modules))
@@ -355,5 +369,9 @@ def _take_relu(u: Unit, g: _Graph) -> None:
 def _why_nothing(c: Node, modules) -> str:
     users = list(c.users)
     if len(users) != 1:
-        return f"its output has {len(users)} readers, so nothing after it can be fused"
-    return f"nothing to fuse: its output goes to {_describe(users[0], modules)}"
+        why = f"its output has {len(users)} readers, so nothing after it can be fused"
+    else:
+        why = f"nothing to fuse: its output goes to {_describe(users[0], modules)}"
+    if modules[c.target].in_channels < BARE_UNIT_MAX_CIN and conv_refusal(modules[c.target]) is None:
+        why += "; it runs on the fused op as a stem (see BARE_UNIT_MAX_CIN)"
+    return why

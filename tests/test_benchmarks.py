@@ -101,3 +101,36 @@ def test_distinct_convs_resnet50():
     assert models.count_flops(m, 224)["per_image"] == pytest.approx(8.18e9, rel=1e-2)
     bns = [b for b in m.modules() if isinstance(b, torch.nn.BatchNorm2d)]
     assert not any(torch.allclose(b.running_var, torch.ones_like(b.running_var)) for b in bns)
+
+
+def test_layer_section_reads_any_converted_model(one_thread):
+    """A model that is not a torchvision ResNet (here a pre-activation one) gets its per-layer
+    rows from its fused graph: prologue convs, a residual without ReLU, the bare stem; each
+    measured against the reference, the rf peers also without their prologue."""
+    from benchmarks import layer_peers, layers
+    from benchmarks.config import Config
+    from tests import any_resnets as ar
+    from tests.reference import randomize_bn
+
+    m = randomize_bn(ar.PreActResNet(num_blocks=(1, 1, 1, 1), width=8)).eval()
+    convs = layers.distinct_convs(m, 16)
+    by_name = {L.name: L for L in convs}
+    assert sum(L.multiplicity for L in convs) == 1 + 4 * 2 + 3  # stem, two per block, 3 shortcuts
+    stem, pre1, last = by_name["conv1"], by_name["layer1.0.conv1"], by_name["layer1.0.conv2"]
+    assert stem.bn is None and stem.epilogue == "none" and not stem.pre
+    assert pre1.pre and pre1.bn is not None and pre1.epilogue == "relu" and "pre" in pre1.label()
+    assert last.epilogue == "residual" and last.residual and not last.relu
+    assert by_name["layer2.0.shortcut.0"].pre and by_name["layer2.0.shortcut.0"].epilogue == "none"
+
+    cfg = Config(model="preact", batch=2, dtype=torch.float32, resolution=16,
+                 device=torch.device("cpu"), layout="channels_last", backends=["torch"],
+                 sections=["layers"], only=None, skip=set(), ref_dtype=torch.float64, seed=0,
+                 quick=True)
+    cfg.layer_target_ms, cfg.warmup = 1.0, 1
+    peers = ["eager_nchw", "eager_cl", "rf_torch"]
+    for i, L in enumerate((stem, pre1, last)):
+        row = layer_peers.measure_layer(cfg, L, i, peers, {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+        for p in peers:
+            res = row["results"][p]
+            assert res["status"] == "ok" and res["rel_err"] < 1e-5, (L.name, p, res)
+        assert ("without_pre_us" in row["results"]["rf_torch"]) == L.pre

@@ -64,17 +64,22 @@ def _pair(name, dtype=torch.float64, state=None):
     return ref, ours, shape
 
 
-class _CountBatchNorm(TorchDispatchMode):
-    """Counts the aten batch_norm calls that run inside it."""
+class _CountOps(TorchDispatchMode):
+    """Counts the calls of ops whose name holds ``part`` that run inside it."""
 
-    def __init__(self):
+    def __init__(self, part: str):
         super().__init__()
+        self.part = part
         self.count = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "batch_norm" in func.__name__:
+        if self.part in func.__name__:
             self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def _CountBatchNorm():
+    return _CountOps("batch_norm")
 
 
 # BatchNorms that must still run in a converted model's eval() forward: the final BN of the
@@ -180,6 +185,32 @@ def test_fusion_summary_rows(name, expect):
         assert (rows[conv]["reason"] is None) == bool(kinds), rows[conv]
     unfused = [r for r in rows.values() if not r["fused"]]
     assert all(r["reason"].startswith("nothing to fuse") for r in unfused), unfused
+    # every fused conv runs on the op; of the rest only a stem (3 input channels) does
+    for r in rows.values():
+        stem = m.get_submodule(r["name"]).in_channels < 8 if not r["fused"] else False
+        assert r["runs_fused"] == (bool(r["fused"]) or stem), r
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bare_stem_runs_on_the_fused_op(backend, monkeypatch):
+    """A stem conv with nothing after it to fuse (pre-activation ResNets) still runs as a unit:
+    cuDNN's channels_last path is weak at 3 input channels. Same result, no BN op."""
+    ok, why = rf.backends.available(backend, torch.device("cpu"), torch.float32)
+    if not ok:
+        pytest.skip(f"{backend} backend not available on cpu/float32: {why}")
+    ref = randomize_bn(ar.PreActResNet(num_blocks=(1, 1, 1, 1), width=8)).eval()
+    ours = rf.convert(copy.deepcopy(ref), backend=backend).eval()
+    row = {r["name"]: r for r in rf.fusion_summary(ours)}["conv1"]
+    assert row["fused"] == () and row["runs_fused"] and "stem" in row["reason"]
+    calls = []
+    real = rf.ops.run_checked_conv_bn_act
+    monkeypatch.setattr(rf.ops, "run_checked_conv_bn_act", lambda *a: calls.append(a[2].shape[1]) or real(*a))
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        y = ours(x)
+    assert len(calls) == 1 + 4 * 2 + 3 and calls[0] == 3  # the stem, two convs a block, 3 shortcuts
+    with torch.no_grad():
+        assert rel_err(y, ref(x)) < (1e-5 if backend == "torch" else 1e-4)
 
 
 # ---- the fold caches never go stale -----------------------------------------------------

@@ -3,8 +3,8 @@
 The model is built with random weights on the meta device (no memory, no compute), converted
 with :func:`resnet_fast.convert`, and run once in train() mode (the reference path calls every
 nn.Conv2d) with forward pre-hooks recording each conv's input shape. Which epilogue a conv gets
-(BN, ReLU, residual, pre-activation) comes from :func:`resnet_fast.fusion_summary`; convs the
-summary leaves unfused are returned separately with its reason.
+(BN, ReLU, residual, pre-activation) comes from :func:`resnet_fast.fusion_summary`; convs that
+do not run on the fused op (its ``runs_fused``) are returned separately with its reason.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
         if not isinstance(mod, nn.Conv2d):
             continue
         row = summary.get(name, {"fused": (), "reason": "not in the fusion summary"})
-        if row["reason"]:
+        if not row.get("runs_fused", not row["reason"]):
             unfused.append({"name": name, "reason": row["reason"]})
             continue
         if name not in shapes:
