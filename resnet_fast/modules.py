@@ -40,8 +40,10 @@ def _needs_reference(tensors, modules) -> Optional[str]:
                 return "autograd"
     if tensors:
         dev = tensors[0].device.type
-        # meta (shape inference) and other devices without autocast have nothing to ask
-        if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        # meta (shape inference) has no autocast state to ask; is_autocast_available() would
+        # say so for any device, but dynamo (torch 2.11) cannot trace it: a fullgraph compile of
+        # a converted model broke on it on an H100 (2026-11-25)
+        if dev != "meta" and torch.is_autocast_enabled(dev):
             return "autocast"
     return None
 

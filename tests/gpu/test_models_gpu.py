@@ -92,3 +92,35 @@ def test_resnet18_export(backend):
     with torch.no_grad():
         ep = torch.export.export(m, (x,))
         assert rel_err(ep.module()(x), m(x)) < 1e-2
+
+
+def _preact_model():
+    """timm's resnetv2_50 (pre-activation, BatchNormAct2d) when timm is installed, else the
+    tests' own pre-activation ResNet-18; both with randomized BN statistics."""
+    try:
+        import timm
+    except ImportError:
+        from .. import any_resnets
+        return randomize_bn(any_resnets.PreActResNet(width=64)).eval(), 32
+    torch.manual_seed(1)
+    return randomize_bn(timm.create_model("resnetv2_50", pretrained=False)).eval(), 128
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_preactivation_model_matches_float64(dtype):
+    """The prologue (BN+ReLU on load, in the input dtype's packed math) and the bare stem,
+    through a whole pre-activation model: the same error rules as resnet50."""
+    _skip_unless("triton", dtype)
+    ref, res = _preact_model()
+    x = torch.randn(4, 3, res, res)
+    with torch.no_grad():
+        y64 = copy.deepcopy(ref).double().cuda()(x.double().cuda())
+    torch_model = copy.deepcopy(ref).to("cuda", dtype).to(memory_format=torch.channels_last)
+    ours = rf.convert(copy.deepcopy(ref).to("cuda", dtype), backend="triton")
+    assert any("pre_bn_relu" in r["fused"] for r in rf.fusion_summary(ours))
+    xin = x.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ours(xin)
+        y_torch = torch_model(xin)
+    err, err_torch = rel_err(y, y64), rel_err(y_torch, y64)
+    assert err < TOL[dtype] and err <= 2 * err_torch, (err, err_torch)
