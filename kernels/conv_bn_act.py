@@ -94,19 +94,14 @@ INTERPRETER_CONFIG = _config(32, 16, 16, 4, 1)
 
 @triton.jit
 def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED: tl.constexpr):
-    # relu(x * scale + shift) on the loaded tile, in the input's dtype: for bf16/fp16 that is
-    # one packed FMA and one packed max per two values (HFMA2/HMNMX2 on sm_90a) where fp32 math
-    # took a widening, an FFMA, an FMNMX and a narrowing per value. Every column tile of Cout
-    # repeats this on its A tile, and in fp32 it cost the downsample convs (Cout = 2-4x Cin)
-    # a third of their time on an H100 (benchmarks/NOTES.md). The price is scale and shift
-    # rounded to 16 bits, as PyTorch's own bf16 model holds its BN parameters.
-    # Padding taps must stay 0 after the transform (the conv pads pre(x), not x), hence the
-    # select: relu(0 * scale + shift) is not 0 when shift > 0. Without padding the only masked
-    # elements are channels past Cin (scale = shift = 0 there, so they stay 0) and rows past M
-    # (never stored), so the select is compiled out.
-    scale = tl.load(pre_scale_ptr + c, mask=c_ok, other=0.0).to(a.dtype)
-    shift = tl.load(pre_bias_ptr + c, mask=c_ok, other=0.0).to(a.dtype)
-    t = tl.maximum(a * scale[None, :] + shift[None, :], 0.0)
+    # relu(x * scale + shift) on the loaded tile, rounded back to the input dtype as the
+    # reference does. Padding taps must stay 0 after the transform (the conv pads pre(x), not x),
+    # hence the final where: relu(0 * scale + shift) is not 0 when shift > 0. Without padding
+    # the only masked elements are channels past Cin (scale = shift = 0 there, so they stay 0)
+    # and rows past M (never stored), so the select is skipped.
+    scale = tl.load(pre_scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(pre_bias_ptr + c, mask=c_ok, other=0.0)
+    t = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
     if PADDED:
         t = tl.where(ok, t, 0.0)
     return t.to(a.dtype)
