@@ -32,7 +32,10 @@ def layers(rep: dict) -> str:
     sec = rep["layers"]
     peers = [p for p in sec["peers"] if p != "eager_nchw" and p != "rf_torch"]
     rf = [p for p in peers if p.startswith("rf_")]
-    head = ["layer", "shape", "epilogue", "×"] + [f"{p} µs" for p in peers] + ["best rf vs eager_cl", "best rf vs folded"]
+    # convs with a prologue (pre-activation models) are also timed without it: its cost
+    bare = [p for p in rf if any("without_pre_us" in r["results"].get(p, {}) for r in sec["rows"])]
+    head = (["layer", "shape", "epilogue", "×"] + [f"{p} µs" for p in peers]
+            + [f"{p} without prologue µs" for p in bare] + ["best rf vs eager_cl", "best rf vs folded"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in sec["rows"]:
         res = r["results"]
@@ -40,11 +43,13 @@ def layers(rep: dict) -> str:
         best = min((us[p] for p in rf if us[p]), default=None)
         cells = [r["name"], r["label"], r["epilogue"], str(r["multiplicity"])]
         cells += [_f(us[p], ".0f") for p in peers]
+        cells += [_f(res.get(p, {}).get("without_pre_us"), ".0f") for p in bare]
         cells += [f"{us['eager_cl'] / best:.2f}×" if best and us.get("eager_cl") else "–",
                   f"{us['folded_compile'] / best:.2f}×" if best and us.get("folded_compile") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     tot = sec.get("weighted_total_ms", {})
-    lines.append("| **sum × count (ms)** | | | | " + " | ".join(_f(tot.get(p), ".2f") for p in peers) + " | | |")
+    lines.append("| **sum × count (ms)** | | | | " + " | ".join(_f(tot.get(p), ".2f") for p in peers)
+                 + " |" * len(bare) + " | | |")
     return "\n".join(lines)
 
 

@@ -95,10 +95,12 @@ INTERPRETER_CONFIG = _config(32, 16, 16, 4, 1)
 @triton.jit
 def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED: tl.constexpr):
     # relu(x * scale + shift) on the loaded tile, rounded back to the input dtype as the
-    # reference does. Padding taps must stay 0 after the transform (the conv pads pre(x), not x),
-    # hence the final where: relu(0 * scale + shift) is not 0 when shift > 0. Without padding
-    # the only masked elements are channels past Cin (scale = shift = 0 there, so they stay 0)
-    # and rows past M (never stored), so the select is skipped.
+    # reference does. (Packed bf16 math measured no faster on an H100: the prologue's cost is
+    # registers, and with them CTAs per SM, not ALU; benchmarks/NOTES.md.)
+    # Padding taps must stay 0 after the transform (the conv pads pre(x), not x), hence the
+    # select: relu(0 * scale + shift) is not 0 when shift > 0. Without padding the only masked
+    # elements are channels past Cin (scale = shift = 0 there, so they stay 0) and rows past M
+    # (never stored), so the select is compiled out.
     scale = tl.load(pre_scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(pre_bias_ptr + c, mask=c_ok, other=0.0)
     t = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)

@@ -39,6 +39,7 @@ group models_triton_bf16 "$M" -k "triton and bfloat16" &
 group models_triton_fp16 "$M" -k "triton and float16 and not bfloat16" &
 group models_triton_fp32 "$M" -k "triton and float32" &
 group models_triton_graphs "$M" -k "triton and not float" &
+group models_preact "$M" -k "preactivation" &   # timm resnetv2_50 on triton, bf16 and fp16
 wait
 
 {

@@ -128,9 +128,23 @@ def test_layer_section_reads_any_converted_model(one_thread):
                  quick=True)
     cfg.layer_target_ms, cfg.warmup = 1.0, 1
     peers = ["eager_nchw", "eager_cl", "rf_torch"]
+    rows = []
     for i, L in enumerate((stem, pre1, last)):
         row = layer_peers.measure_layer(cfg, L, i, peers, {"matmul_tflops": 1.0, "copy_gbps": 1.0})
         for p in peers:
             res = row["results"][p]
             assert res["status"] == "ok" and res["rel_err"] < 1e-5, (L.name, p, res)
         assert ("without_pre_us" in row["results"]["rf_torch"]) == L.pre
+        rows.append(row)
+
+    # the README table gets a "without prologue" column, empty for convs without one (it
+    # leaves the reference backend out, so the rows stand in for a kernel backend's here)
+    from benchmarks import markdown
+    for r in rows:
+        r["results"]["rf_triton"] = r["results"].pop("rf_torch")
+    table = markdown.layers({"layers": {"peers": ["eager_cl", "rf_triton"], "rows": rows,
+                                        "weighted_total_ms": {}}})
+    head, _, r_stem, r_pre, _ = table.splitlines()[:5]
+    assert "rf_triton without prologue µs" in head
+    assert len(head.split("|")) == len(r_stem.split("|")) == len(r_pre.split("|"))
+    assert r_stem.split("|")[-4].strip() == "–" and r_pre.split("|")[-4].strip() != "–"
