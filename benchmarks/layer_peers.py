@@ -36,8 +36,11 @@ def peer_names(cfg: Config) -> list[str]:
     return list(BASE_PEERS) + [f"rf_{b}" for b in cfg.backends]
 
 
-def _bn(y, bn):
-    return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+def _bn(y, bn, dtype=None):
+    """bn(y) in eval(), with bn's tensors cast to ``dtype`` when given (the reference)."""
+    rm, rv, w, b = (t if dtype is None else t.to(dtype)
+                    for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias))
+    return F.batch_norm(y, rm, rv, w, b, False, 0.0, bn.eps)
 
 
 def _eager(w, bias, bn, stride, padding, dilation, groups, relu, pre_bn=None):
@@ -135,19 +138,14 @@ def peer_fn(peer: str, layer: ConvLayer, conv: torch.nn.Conv2d, bn, pre_bn,
 @torch.no_grad()
 def _reference(layer: ConvLayer, x: torch.Tensor, r, ref_dtype: torch.dtype) -> torch.Tensor:
     c = layer.conv
-
-    def bn(y, m):
-        return F.batch_norm(y, m.running_mean.to(ref_dtype), m.running_var.to(ref_dtype),
-                            m.weight.to(ref_dtype), m.bias.to(ref_dtype), False, 0.0, m.eps)
-
     with tf32_off():
         x = x.to(ref_dtype)
         if layer.pre_bn is not None:
-            x = torch.relu(bn(x, layer.pre_bn))
+            x = torch.relu(_bn(x, layer.pre_bn, ref_dtype))
         y = F.conv2d(x, c.weight.to(ref_dtype), None if c.bias is None else c.bias.to(ref_dtype),
                      c.stride, c.padding, c.dilation, c.groups)
         if layer.bn is not None:
-            y = bn(y, layer.bn)
+            y = _bn(y, layer.bn, ref_dtype)
         if r is not None:
             y = y + r.to(ref_dtype)
         return torch.relu(y) if layer.relu else y

@@ -142,6 +142,7 @@ def graph_units(model: torch.nn.Module) -> list[tuple]:
 
     import resnet_fast
     from resnet_fast.fx_fusion import fused_graph_of
+    from resnet_fast.kernel_report.layers import epilogue_name
 
     meta = copy.deepcopy(model).to("meta")
     with warnings.catch_warnings():
@@ -155,8 +156,8 @@ def graph_units(model: torch.nn.Module) -> list[tuple]:
             continue
         for _, *names in g.units:
             conv_name, bn_name, pre_name = (f"{prefix}.{n}" if prefix and n else n for n in names)
-            k = kinds.get(conv_name, ())
-            epi = "+".join(p for p in ("residual", "relu") if p in k) or "none"
+            # what follows the GEMM; the prologue is the unit's pre_bn
+            epi = epilogue_name([k for k in kinds.get(conv_name, ()) if k != "pre_bn_relu"])
             units.append((conv_name, model.get_submodule(conv_name),
                           model.get_submodule(bn_name) if bn_name else None, epi,
                           model.get_submodule(pre_name) if pre_name else None))
@@ -184,15 +185,3 @@ def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
             layer.names.append(name)
             seen[k] = layer
     return list(seen.values())
-
-
-def conv_bytes_per_image(model: torch.nn.Module, resolution: int, itemsize: int) -> int:
-    """Input + weight + output bytes of every conv for one image: the traffic of one fused kernel
-    per conv, for any model (no residual term: which convs take one is model-specific)."""
-    shapes = conv_shapes(model, resolution)
-    total = 0
-    for name, m in model.named_modules():
-        if name in shapes:
-            (ci, hi, wi), (co, ho, wo) = shapes[name]
-            total += (ci * hi * wi + co * ho * wo) * itemsize + m.weight.numel() * itemsize
-    return total
