@@ -23,14 +23,14 @@ endif
 
 .PHONY: test bench gpu-test build-cuda kernel-report clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q --upgrade pip 'setuptools>=77' wheel
 	$(VENV)/bin/python -m pip install -q $(TORCH_PINS)
-	$(VENV)/bin/python -m pip install -q -e '.[dev,timm]'
+	$(VENV)/bin/python -m pip install -q -e '.[dev,timm,cuda]'
 	touch $@
 
-.system-installed: pyproject.toml
+.system-installed: pyproject.toml setup.py
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -51,4 +51,4 @@ kernel-report: $(STAMP)
 	$(PY) -m resnet_fast.report_kernels
 
 clean:
-	rm -rf $(VENV) .system-installed build *.egg-info .pytest_cache
+	rm -rf $(VENV) .system-installed build dist *.egg-info .pytest_cache
