@@ -4,8 +4,9 @@ Sections (``--sections``, default all): the machine's ceilings, every distinct c
 peer (``layers``), the stem and each stage (``blocks``), and the whole forward on every variant
 (``e2e``). Prints tables, writes ``<gpu>_<model>_b<batch>_<dtype>.json`` (every figure and the
 environment; rewritten after each section so a cut-off run still leaves evidence) and a PNG
-into ``--out``. Without a GPU it runs the CPU path (small batch, eager vs the torch backend,
-triton only when asked) and says that no GPU figures were taken.
+into ``--out`` (default ``out/``, which git ignores; results meant for ``benchmarks/results/``
+name that folder explicitly). Without a GPU it runs the CPU path (small batch, eager vs the
+torch backend, triton only when asked) and says that no GPU figures were taken.
 
 Examples:
     python -m benchmarks.report                         # resnet50, batch 256, bf16, everything
@@ -33,6 +34,9 @@ from .models import MODELS
 from .table import err_cell, fmt, render
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: where a run writes unless told otherwise: git ignores it, so `make bench` never overwrites the
+#: committed results in benchmarks/results/
+DEFAULT_OUT = os.path.join(REPO, "out")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 SECTIONS = ("layers", "blocks", "e2e")
 ALL_BACKENDS = ("torch", "triton", "cuda")
@@ -61,8 +65,9 @@ def parse_args(argv):
                         "what was left out); for time-limited machines")
     p.add_argument("--list", action="store_true", help="print the variant/peer names and exit")
     p.add_argument("--latency", action="store_true", help="batch 1 preset")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"),
-                   help="output folder (default benchmarks/results/ of this checkout)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output folder (default out/ of this checkout, which git ignores; the "
+                        "committed results take an explicit --out benchmarks/results/...)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ref-dtype", choices=["fp32", "fp64"],
                    help="dtype of the reference forward (default fp32 without TF32 on a GPU, fp64 on CPU)")

@@ -2,14 +2,18 @@
 # One call on a lent GPU machine (no network): install this package against the machine's own
 # torch/triton, then run the GPU tests and/or the benchmark report, writing logs to $OUT.
 #   scripts/gpu_session.sh tests [pytest args...]
-#   scripts/gpu_session.sh bench [benchmarks.report args...]
+#   scripts/gpu_session.sh bench [benchmarks.report args...]   (JSON/PNG into $OUT, or --out DIR)
 #   scripts/gpu_session.sh suite       every GPU test in parallel groups, then compute-sanitizer
-# Wheels missing there (nvidia-cutlass) travel in .whl/ (see README, "On a lent GPU").
+# Wheels missing there (nvidia-cutlass, and setuptools>=77 for the editable install, since that
+# machine's own setuptools may be older) travel in .whl/ (see README, "On a lent GPU").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PYTHONUNBUFFERED=1
+# A CUDA_HOME that names no nvcc is an error of the build (not a silent fallback): set the
+# conventional location only when it holds one.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   # Install once per machine: reinstalling rewrites the CUTLASS headers, whose new mtimes make
   # ninja rebuild the CUDA extension (~80 s) in the next process that loads it.
@@ -18,15 +22,36 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
     touch "$stamp"
   fi
+  # First on the path, so a carried setuptools wheel is the one the editable install's build
+  # (no build isolation, so no download) imports: pyproject.toml needs setuptools>=77.
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+  echo "editable install failed (see $OUT/install.log); using the checkout on PYTHONPATH" >&2
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 what=${1:-tests}; shift || true
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 case "$what" in
   tests) python3 -m pytest -q -rs tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  bench) python3 -m benchmarks.report --out "$OUT" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
+  bench)
+    # --out in the arguments wins over $OUT (argparse takes the last); results named for the
+    # repository (--out benchmarks/results/<lease>) also come back under $OUT at the same relative
+    # path, since only $OUT leaves the machine.
+    dest=$OUT prev=
+    for a in "$@"; do
+      case "$a" in --out=*) dest=${a#--out=} ;; esac
+      [ "$prev" = --out ] && dest=$a
+      prev=$a
+    done
+    python3 -m benchmarks.report --out "$OUT" "$@" 2>&1 | tee -a "$OUT/bench.log"
+    rc=${PIPESTATUS[0]}
+    case "$dest" in
+      /*|"$OUT"|"$OUT"/*) ;;
+      *) [ -d "$dest" ] && mkdir -p "$OUT/$dest" && cp -r "$dest/." "$OUT/$dest/" ;;
+    esac
+    exit "$rc" ;;
   suite) exec scripts/gpu_suite.sh ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

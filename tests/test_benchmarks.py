@@ -81,6 +81,26 @@ def test_report_time_budget(tmp_path, one_thread):
     assert any(k.startswith("layer ") and "time budget" in v for k, v in why.items())
 
 
+def test_default_out_is_git_ignored():
+    """`make bench` (no --out) must not overwrite the committed results in benchmarks/results/."""
+    import shutil
+    import subprocess
+
+    from benchmarks import report
+
+    out = report.parse_args([]).out
+    assert out == report.DEFAULT_OUT
+    results = os.path.join(ROOT, "benchmarks", "results")
+    assert os.path.realpath(out) != os.path.realpath(results)
+    assert not os.path.realpath(out).startswith(os.path.realpath(results) + os.sep)
+    assert report.parse_args(["--out", results]).out == results  # taken only when named
+    if shutil.which("git") is None or not os.path.isdir(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    probe = os.path.join(os.path.relpath(out, ROOT), "some_gpu_resnet50_b256_bf16.json")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", probe], cwd=ROOT)
+    assert ignored.returncode == 0, f"{probe} is not ignored by git"
+
+
 def test_metrics_flag_nan():
     from benchmarks import metrics
 
