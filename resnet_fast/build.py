@@ -2,6 +2,11 @@
 
     python -m resnet_fast.build                      # for the GPU of this machine
     python -m resnet_fast.build --arch sm_80 sm_90a  # for given architectures (no GPU needed)
+    TORCH_CUDA_ARCH_LIST="8.0;9.0" python -m resnet_fast.build   # torch's convention, same thing
+
+Without --arch, TORCH_CUDA_ARCH_LIST (torch's forms: "8.0;9.0a", "8.0 9.0+PTX", "Ampere", or
+sm_80) names the architectures, GPU or not; 9.0 builds sm_90a (the Hopper kernels), +PTX is
+dropped, and archs older than sm_80 are skipped with a note. Else the GPU of this machine.
 
 Each architecture is a separate library (SASS for one architecture; sm_90a adds the CUTLASS 3
 Hopper kernels), cached in torch's extension folder where the backend finds it on first use.
@@ -42,6 +47,30 @@ def _build_one(arch: str, verbose: bool) -> dict:
     return report
 
 
+def _archs_from_env(p: argparse.ArgumentParser) -> list[str]:
+    """The archs TORCH_CUDA_ARCH_LIST names that the kernels run on ([] when it is unset)."""
+    import os
+
+    from .backends.cuda_backend import ARCH_LIST_ENV, MIN_ARCH, _arch_number, parse_arch_list
+
+    value = os.environ.get(ARCH_LIST_ENV)
+    try:
+        listed = parse_arch_list(value)
+    except ValueError as e:
+        p.error(str(e))
+    if not listed:
+        return []
+    archs = [a for a in listed if _arch_number(a) >= MIN_ARCH]
+    skipped = [a for a in listed if a not in archs]
+    if skipped:
+        print(f"{ARCH_LIST_ENV}: skipping {', '.join(skipped)} (the kernels need sm_{MIN_ARCH} or newer)",
+              file=sys.stderr)
+    if not archs:
+        p.error(f"{ARCH_LIST_ENV}={value!r} names no architecture the kernels run on (sm_{MIN_ARCH}+)")
+    print(f"{ARCH_LIST_ENV}={value!r}: building {' '.join(archs)}", file=sys.stderr)
+    return archs
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", help="e.g. sm_80 sm_86 sm_90a (default: this machine's GPU)")
@@ -55,8 +84,11 @@ def main(argv=None) -> int:
 
     archs = args.arch
     if not archs:
+        archs = _archs_from_env(p)
+    if not archs:
         if not torch.cuda.is_available():
-            p.error("no GPU here: name the architectures with --arch (e.g. --arch sm_80 sm_90a)")
+            p.error("no GPU here: name the architectures with --arch (e.g. --arch sm_80 sm_90a) "
+                    "or TORCH_CUDA_ARCH_LIST (e.g. TORCH_CUDA_ARCH_LIST='8.0;9.0')")
         from .backends.cuda_backend import arch_for_capability
 
         archs = [arch_for_capability(*torch.cuda.get_device_capability())]

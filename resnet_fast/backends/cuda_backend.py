@@ -4,7 +4,16 @@ Build: on first use, ``torch.utils.cpp_extension.load`` (ninja) compiles ``csrc/
 architecture of the current GPU only (sm_90 -> sm_90a with the Hopper kernels, else e.g. sm_80)
 and caches the library in torch's extension folder; later processes only load it. Prebuild with
 ``python -m resnet_fast.build``. Before compiling, :func:`check_toolchain` names what is missing
-(nvcc / CUDA headers / the ``nvidia-cutlass`` wheel) instead of letting the compiler fail.
+(nvcc / CUDA headers / the ``nvidia-cutlass`` wheel, i.e. the ``cuda`` extra) instead of letting
+the compiler fail. The build logs (logger ``resnet_fast``, INFO) when it starts compiling, for
+which arch, and when it is done, with the seconds and the library's path.
+
+Conventions of torch's own extension builds: ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0a"``, see
+:func:`parse_arch_list`) names the architectures to build for, both for ``python -m
+resnet_fast.build`` and for the build on first use, which takes the listed arch that runs on the
+current GPU (or says that none does); ``CUDA_HOME`` / ``CUDA_PATH`` name the toolkit, and one
+that holds no ``bin/nvcc`` is an error, not a reason to look elsewhere. The build sets
+``CUDA_HOME`` and ``MAX_JOBS`` for torch's build only and restores the caller's ``os.environ``.
 
 Op registration: the schemas come from :func:`resnet_fast.ops.define_backend_ops` (``"cuda"``
 suffix, no Python kernels); the library adds the CUDA kernels with ``TORCH_LIBRARY_IMPL``. The
@@ -17,12 +26,15 @@ once and builds the Ampere-only variant for plain sm_90 instead, so the backend 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -72,8 +84,13 @@ def _site_dirs() -> list[str]:
 def _find_cuda_home() -> Optional[str]:
     for env in ("CUDA_HOME", "CUDA_PATH"):
         home = os.environ.get(env)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
+        if home:
+            if os.path.exists(os.path.join(home, "bin", "nvcc")):
+                return home
+            # the caller named a toolkit: building against another one would be a surprise
+            raise ToolchainError(f"{env}={home} has no bin/nvcc: point {env} at the CUDA toolkit "
+                                 f"(the folder holding bin/nvcc), or unset it to use /usr/local/cuda "
+                                 f"or the nvcc on PATH")
     # nvcc on PATH may be a wrapper script (as in /usr/local/bin/nvcc here), so its parent is not
     # necessarily the toolkit: prefer the conventional location when it has a real nvcc.
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
@@ -91,7 +108,8 @@ def cutlass_include_dirs() -> list[str]:
     try:
         import cutlass_library
     except ImportError as e:
-        raise ToolchainError("the CUTLASS headers are missing: pip install nvidia-cutlass") from e
+        raise ToolchainError("the CUTLASS headers are missing (the cuda extra): "
+                             "pip install 'resnet_fast[cuda]', or pip install nvidia-cutlass") from e
     root = Path(cutlass_library.__file__).resolve().parent / "source"
     dirs = [root / "include", root / "tools" / "util" / "include"]
     if not (dirs[0] / "cutlass" / "cutlass.h").exists() or not (dirs[0] / "cute" / "tensor.hpp").exists():
@@ -129,6 +147,18 @@ def check_toolchain() -> Toolchain:
     return Toolchain(cuda_home=home, nvcc=nvcc, include_dirs=extra + cutlass_include_dirs())
 
 
+def nvcc_version(nvcc: str) -> Optional[str]:
+    """e.g. "12.8" from ``nvcc --version``; None when it does not run."""
+    import subprocess
+
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
 # ----------------------------------------------------------------------------------------------
 # Build
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +169,87 @@ def arch_for_capability(major: int, minor: int) -> str:
 
 def _arch_number(arch: str) -> int:
     return int(arch[3:].rstrip("a"))
+
+
+ARCH_LIST_ENV = "TORCH_CUDA_ARCH_LIST"
+#: the named architectures of torch's TORCH_CUDA_ARCH_LIST (the forms torch's own builds accept)
+NAMED_ARCHS = {
+    "kepler+tesla": "3.7", "kepler": "3.5", "maxwell+tegra": "5.3", "maxwell": "5.0;5.2",
+    "pascal": "6.0;6.1", "volta+tegra": "7.2", "volta": "7.0", "turing": "7.5",
+    "ampere+tegra": "8.7", "ampere": "8.0;8.6", "ada": "8.9", "hopper": "9.0",
+    "blackwell+tegra": "11.0", "blackwell": "10.0;10.3;12.0;12.1", "rubin": "10.7",
+}
+#: the oldest arch the kernels run on (bf16 mma.sync, cp.async)
+MIN_ARCH = 80
+
+
+def parse_arch_list(value: Optional[str]) -> Optional[list[str]]:
+    """TORCH_CUDA_ARCH_LIST in torch's forms -> this project's arch names, in order, once each.
+
+    ``"8.0;9.0a"``, ``"8.0 9.0+PTX"``, ``"8.6,8.9"``, ``"Ampere;Hopper"`` and this project's own
+    ``"sm_80 sm_90a"`` are understood. ``9.0`` means ``sm_90a``, as :func:`arch_for_capability`
+    does: the Hopper build is the sm_90a one, and its SASS runs on every compute capability 9.0
+    GPU (``sm_90`` written out asks for the build without the Hopper kernels). ``+PTX`` is
+    accepted and dropped: the library holds SASS for the listed archs only. None (unset, empty
+    or ``native``) means "the GPU of this machine". Unknown entries raise ValueError.
+    """
+    if value is None or not value.strip() or value.strip().lower() == "native":
+        return None
+    out: list[str] = []
+    for item in re.split(r"[;,\s]+", value.strip()):
+        if not item:
+            continue
+        expanded = NAMED_ARCHS.get(item.lower())
+        for entry in (expanded.split(";") if expanded else [item]):
+            out.append(_arch_name(entry, value))
+    return list(dict.fromkeys(out))
+
+
+def _arch_name(entry: str, whole: str) -> str:
+    m = re.fullmatch(r"sm_(\d+)(a?)", entry)
+    if m:
+        return f"sm_{m.group(1)}{m.group(2)}"
+    m = re.fullmatch(r"(\d+)\.(\d)([af]?)(\+ptx)?", entry, flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{ARCH_LIST_ENV}={whole!r}: cannot read {entry!r} (expected e.g. 8.0, 9.0a, "
+                         f"8.6+PTX, Ampere or sm_80)")
+    major, minor, suffix = int(m.group(1)), int(m.group(2)), m.group(3).lower()
+    arch = arch_for_capability(major, minor)
+    if suffix and not arch.endswith("a"):
+        arch += "a"  # 10.0a -> sm_100a ("f", the family form, builds the arch-specific one too)
+    return arch
+
+
+def arch_runs_on(arch: str, major: int, minor: int) -> bool:
+    """Whether a library built for `arch` runs on a GPU of compute capability major.minor: SASS
+    runs on the same major with an equal or newer minor; an arch-specific (``a``) build only on
+    its own capability."""
+    num = _arch_number(arch)
+    if arch.endswith("a"):
+        return num == 10 * major + minor
+    return num // 10 == major and num % 10 <= minor
+
+
+def jit_arch(major: int, minor: int, value: Optional[str] = None) -> str:
+    """The arch the build on first use compiles for a GPU of capability major.minor: its own
+    (:func:`arch_for_capability`), or, when TORCH_CUDA_ARCH_LIST is set, the listed arch that
+    runs on it (its own if listed, else the newest compatible one); ToolchainError if none."""
+    value = os.environ.get(ARCH_LIST_ENV) if value is None else value
+    own = arch_for_capability(major, minor)
+    try:
+        listed = parse_arch_list(value)
+    except ValueError as e:
+        raise ToolchainError(str(e)) from e
+    if listed is None:
+        return own
+    if own in listed:
+        return own
+    fits = [a for a in listed if arch_runs_on(a, major, minor)]
+    if not fits:
+        raise ToolchainError(f"{ARCH_LIST_ENV}={value!r} lists {', '.join(listed)}, none of which runs "
+                             f"on this GPU (compute capability {major}.{minor}, built as {own}): add "
+                             f"{major}.{minor} to it, or unset it to build for this GPU")
+    return max(fits, key=lambda a: (_arch_number(a), a.endswith("a")))
 
 
 def build_flags(arch: str, with_sm90: bool) -> tuple[list[str], list[str]]:
@@ -164,6 +275,65 @@ def extension_name(arch: str, with_sm90: bool) -> str:
     return f"resnet_fast_cuda_{arch}" + ("" if with_sm90 or not arch.startswith("sm_90") else "_nosm90")
 
 
+def torch_extensions_dir() -> str:
+    """The folder torch.utils.cpp_extension builds and caches extensions in (read, not created)."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return root
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}"
+    return os.path.join(get_default_build_root(), tag)
+
+
+def library_path(arch: str, with_sm90: Optional[bool] = None) -> Path:
+    """Where the build for `arch` puts (or has put) its library."""
+    if with_sm90 is None:
+        with_sm90 = arch == "sm_90a"
+    name = extension_name(arch, with_sm90)
+    return Path(torch_extensions_dir()) / name / f"{name}.so"
+
+
+def _needs_compile(lib: Path, sources: list[str]) -> bool:
+    """A guess of what ninja will decide (logged, nothing depends on it): no library yet, or a
+    source or header of csrc/ newer than it."""
+    if not lib.exists():
+        return True
+    built = lib.stat().st_mtime
+    deps = [Path(p) for p in sources] + [p for p in CSRC.iterdir() if p.suffix in (".h", ".cuh")]
+    return any(p.exists() and p.stat().st_mtime > built for p in deps)
+
+
+@contextlib.contextmanager
+def build_environment(tc: Toolchain, n_sources: int):
+    """CUDA_HOME (the toolkit check_toolchain found) and MAX_JOBS for torch.utils.cpp_extension,
+    set for the duration of the build only: the caller's os.environ (and cpp_extension.CUDA_HOME)
+    are restored exactly afterwards, whatever happens inside."""
+    want = {"CUDA_HOME": tc.cuda_home}
+    if not os.environ.get("MAX_JOBS"):
+        # ninja runs one compiler per source; more jobs than sources buys nothing, and each
+        # CUTLASS compile takes ~1-2 GB of memory.
+        want["MAX_JOBS"] = str(max(1, min(n_sources, os.cpu_count() or 1)))
+    saved = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    # cpp_extension decides CUDA_HOME when it is first imported (guessing from the nvcc on PATH,
+    # which may be a wrapper script); make it use the toolkit found above either way.
+    import torch.utils.cpp_extension as cpp_extension
+
+    saved_home = cpp_extension.CUDA_HOME
+    cpp_extension.CUDA_HOME = tc.cuda_home
+    try:
+        yield cpp_extension
+    finally:
+        cpp_extension.CUDA_HOME = saved_home
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def build(arch: str, with_sm90: Optional[bool] = None, verbose: bool = False) -> str:
     """Compile (or reuse the cached build of) the extension for `arch` and load it into this
     process; returns the library path. with_sm90 defaults to arch == "sm_90a"."""
@@ -172,24 +342,21 @@ def build(arch: str, with_sm90: Optional[bool] = None, verbose: bool = False) ->
     if with_sm90 and arch != "sm_90a":
         raise ValueError("the Hopper kernels need arch sm_90a")
     tc = check_toolchain()
-    # cpp_extension decides CUDA_HOME when it is first imported (guessing from the nvcc on PATH,
-    # which may be a wrapper script); make it use the toolkit found above either way.
-    os.environ.setdefault("CUDA_HOME", tc.cuda_home)
-    import torch.utils.cpp_extension as cpp_extension
-
-    cpp_extension.CUDA_HOME = tc.cuda_home
     sources = [str(CSRC / s) for s in COMMON_SOURCES + (SM90_SOURCES if with_sm90 else ())]
     cflags, cuda_cflags = build_flags(arch, with_sm90)
-    # ninja runs one compiler per source; more jobs than sources buys nothing, and each CUTLASS
-    # compile takes ~1-2 GB of memory.
-    old_jobs = os.environ.get("MAX_JOBS")
-    if old_jobs is None:
-        os.environ["MAX_JOBS"] = str(max(1, min(len(sources), os.cpu_count() or 1)))
-    try:
+    name = extension_name(arch, with_sm90)
+    lib = library_path(arch, with_sm90)
+    compiling = _needs_compile(lib, sources)
+    if compiling:
+        log.info("resnet_fast: compiling the CUDA kernels for %s%s with %s (once per machine; this "
+                 "takes a few minutes, `python -m resnet_fast.build` does it ahead of time)",
+                 arch, " (with the Hopper kernels)" if with_sm90 else "", tc.nvcc)
+    start = time.perf_counter()
+    with build_environment(tc, len(sources)) as cpp_extension:
         # Schemas first (the single source of truth), then the library adds its CUDA kernels.
         ops.define_backend_ops("cuda")
         path = cpp_extension.load(
-            name=extension_name(arch, with_sm90),
+            name=name,
             sources=sources,
             extra_cflags=cflags,
             extra_cuda_cflags=cuda_cflags,
@@ -198,9 +365,11 @@ def build(arch: str, with_sm90: Optional[bool] = None, verbose: bool = False) ->
             is_python_module=False,
             verbose=verbose,
         )
-    finally:
-        if old_jobs is None:
-            os.environ.pop("MAX_JOBS", None)
+    seconds = time.perf_counter() - start
+    if compiling or seconds > 10:
+        log.info("resnet_fast: CUDA kernels for %s built in %.0f s: %s", arch, seconds, path)
+    else:
+        log.debug("resnet_fast: loaded the cached CUDA kernels for %s: %s", arch, path)
     return path
 
 
@@ -217,7 +386,7 @@ def ensure_loaded(device: Optional[torch.device] = None) -> dict:
         if not torch.cuda.is_available():
             raise RuntimeError("the cuda backend needs a CUDA device (none found)")
         dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
-        arch = arch_for_capability(*torch.cuda.get_device_capability(dev))
+        arch = jit_arch(*torch.cuda.get_device_capability(dev))  # TORCH_CUDA_ARCH_LIST if set
         info = {"arch": arch, "path": None, "sm90_error": None}
         if arch == "sm_90a":
             try:
@@ -253,20 +422,48 @@ class CudaBackend(Backend):
             self._ops = ops.define_backend_ops("cuda")
         return self._ops
 
-    def available(self, device, dtype):
+    def _device_check(self, device, dtype) -> tuple[bool, str]:
         device = torch.device(device)
         if device.type != "cuda":
             return False, f"runs on CUDA devices only, not {device.type}"
         if dtype not in SUPPORTED_DTYPES:
             return False, f"compiled for float16/bfloat16 only, not {dtype}"
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
         major, _ = torch.cuda.get_device_capability(device)
         if major < 8:
             return False, f"needs sm_80 or newer (tensor-core mma.sync for bf16), got sm_{major}x"
+        return True, ""
+
+    def available(self, device, dtype):
+        ok, why = self._device_check(device, dtype)
+        if not ok:
+            return ok, why
         try:
-            self._load()
+            self._load()  # builds on first use
         except Exception as e:  # a failed build makes the backend unavailable, with the reason
             return False, f"{type(e).__name__}: {e}"
         return True, ""
+
+    def status(self, device, dtype) -> tuple[bool, str]:
+        """What available() would say, without building or loading anything (for
+        ``python -m resnet_fast.env``): the device and dtype checks, the toolchain, and whether a
+        build for this GPU is cached. (True, note) means it should be available; the note says
+        whether the first use compiles (minutes) or loads the cached library."""
+        ok, why = self._device_check(device, dtype)
+        if not ok:
+            return ok, why
+        if _loaded:
+            return True, f"loaded ({_loaded['arch']}: {_loaded['path']})"
+        try:
+            arch = jit_arch(*torch.cuda.get_device_capability(torch.device(device)))
+            check_toolchain()
+        except ToolchainError as e:
+            return False, f"ToolchainError: {e}"
+        lib = library_path(arch)
+        if lib.exists():
+            return True, f"built for {arch}: {lib}"
+        return True, f"not built yet for {arch}: the first use compiles it (minutes)"
 
     def supports(self, x, weight, groups, pre=False):
         if groups != 1:
