@@ -1,4 +1,10 @@
-"""The environment recorded with every result: a figure without its machine is not evidence."""
+"""The environment recorded with every result: a figure without its machine is not evidence.
+
+The version fields (python, platform, torch, torchvision, triton, timm, cutlass, cuda, cudnn, nvcc)
+come from :func:`resnet_fast.env.versions`, the report users paste into bug reports
+(``python -m resnet_fast.env``); the rest (commit, command, GPU, torch's math flags) is the
+benchmark's own.
+"""
 
 from __future__ import annotations
 
@@ -33,13 +39,6 @@ def git_state(repo: str) -> dict:
             "dirty": bool(status) if status is not None else None, "commit_source": "git"}
 
 
-def _version(mod: str) -> str | None:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
-
-
 def gpu_info(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"gpu": None}
@@ -57,25 +56,27 @@ def gpu_info(device: torch.device) -> dict:
     }
 
 
+SHARED = ("python", "platform", "torch", "torchvision", "triton", "timm", "cutlass", "cuda", "cudnn")
+
+
 def collect(device: torch.device, repo: str, argv: list[str]) -> dict:
+    from resnet_fast import env as rf_env
+
+    versions = rf_env.versions()
     env = {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "benchmarks.report", *argv]),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
+        **{k: versions[k] for k in SHARED},
+        "nvcc": rf_env.toolchain()["nvcc_version"],
         "hostname": platform.node(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "triton": _version("triton"),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
         "env_vars": {k: os.environ[k] for k in ("RESNET_FAST_BACKEND", "TRITON_INTERPRET",
-                                                  "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR")
+                                                  "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR",
+                                                  "TORCH_CUDA_ARCH_LIST")
                      if k in os.environ},
     }
     env.update(gpu_info(device))
