@@ -280,11 +280,18 @@ def torch_extensions_dir() -> str:
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     if root:
         return root
-    from torch.utils.cpp_extension import get_default_build_root
+    try:  # what cpp_extension.get_default_build_root() returns, without importing cpp_extension
+        # (its import guesses CUDA_HOME and warns when it finds no toolkit)
+        from torch._appdirs import user_cache_dir
 
+        base = os.path.realpath(user_cache_dir(appname="torch_extensions"))
+    except ImportError:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        base = get_default_build_root()
     accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     tag = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}"
-    return os.path.join(get_default_build_root(), tag)
+    return os.path.join(base, tag)
 
 
 def library_path(arch: str, with_sm90: Optional[bool] = None) -> Path:
