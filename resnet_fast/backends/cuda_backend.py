@@ -295,11 +295,16 @@ def torch_extensions_dir() -> str:
 
 
 def library_path(arch: str, with_sm90: Optional[bool] = None) -> Path:
-    """Where the build for `arch` puts (or has put) its library."""
+    """Where the build for `arch` puts (or has put) its library. (torch releases before the
+    py<ver>_cu<ver> subfolder of the extensions folder build in the folder itself: a library
+    found there counts too.)"""
     if with_sm90 is None:
         with_sm90 = arch == "sm_90a"
     name = extension_name(arch, with_sm90)
-    return Path(torch_extensions_dir()) / name / f"{name}.so"
+    root = Path(torch_extensions_dir())
+    here = root / name / f"{name}.so"
+    older = root.parent / name / f"{name}.so"
+    return older if not here.exists() and not os.environ.get("TORCH_EXTENSIONS_DIR") and older.exists() else here
 
 
 def _needs_compile(lib: Path, sources: list[str]) -> bool:
