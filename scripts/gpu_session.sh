@@ -16,23 +16,32 @@ export PYTHONUNBUFFERED=1
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 if ls .whl/*.whl >/dev/null 2>&1; then
   # Install once per machine: reinstalling rewrites the CUTLASS headers, whose new mtimes make
-  # ninja rebuild the CUDA extension (~80 s) in the next process that loads it.
+  # ninja rebuild the CUDA extension (~80 s) in the next process that loads it. A carried
+  # setuptools goes to its own folder, used only by the editable install below (pyproject.toml
+  # needs setuptools>=77; the build runs without isolation, so nothing is downloaded), so the
+  # tests keep the machine's own setuptools, which its torch imports.
   stamp=/tmp/site/.installed-$(ls .whl/*.whl | xargs -n1 basename | sort | md5sum | cut -c1-12)
   if [ ! -e "$stamp" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    pip_target="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target"
+    runtime=$(ls .whl/*.whl | grep -v '/setuptools-' || true)
+    tools=$(ls .whl/setuptools-*.whl 2>/dev/null || true)
+    mkdir -p /tmp/site
+    if [ -n "$runtime" ]; then $pip_target /tmp/site $runtime || exit 1; fi
+    if [ -n "$tools" ]; then $pip_target /tmp/build-tools $tools || exit 1; fi
     touch "$stamp"
   fi
-  # First on the path, so a carried setuptools wheel is the one the editable install's build
-  # (no build isolation, so no download) imports: pyproject.toml needs setuptools>=77.
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
+build_path=${PYTHONPATH:-}
+[ -d /tmp/build-tools ] && build_path=/tmp/build-tools${PYTHONPATH:+:$PYTHONPATH}
+if ! PYTHONPATH=$build_path python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1; then
   echo "editable install failed (see $OUT/install.log); using the checkout on PYTHONPATH" >&2
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 what=${1:-tests}; shift || true
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m resnet_fast.env >"$OUT/env.txt" 2>&1 || echo "python -m resnet_fast.env failed (see $OUT/env.txt)" >&2
 case "$what" in
   tests) python3 -m pytest -q -rs tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench)
