@@ -38,7 +38,13 @@ def _run(cmd, **kw):
 
 
 def _copy_tree(dst: Path) -> Path:
-    """The files git would carry, copied to dst (no build/, egg-info or caches)."""
+    """The files git would carry, copied to dst (no build/, egg-info or caches); outside a git
+    checkout (an unpacked sdist) the tree less what .gitignore names."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        skip = shutil.ignore_patterns(".git", ".venv", "build", "dist", "out", "*.egg-info", "__pycache__",
+                                      ".pytest_cache", ".benchmarks", "*.so", "*.cubin", ".whl", ".carry")
+        shutil.copytree(ROOT, dst, ignore=skip, dirs_exist_ok=True)
+        return dst
     files = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT).stdout
     for rel in filter(None, files.split("\0")):
         src = ROOT / rel
@@ -142,6 +148,12 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
     out = _run([str(py), "-c", INSTALLED_CHECK, str(venv), str(ROOT)], cwd=work, env=env).stdout
     assert out.startswith("ok " + str(site)), out
 
+    import json
+
+    rep_env = json.loads(_run([str(py), "-m", "resnet_fast.env", "--json"], cwd=work, env=env).stdout)
+    assert rep_env["resnet_fast_path"] == str(site / "resnet_fast"), rep_env["resnet_fast_path"]
+    assert rep_env["backends"]["cpu"]["fp32"]["auto"] == "torch"
+
     help_text = _run([str(py), "-m", "resnet_fast.report_kernels", "--help"], cwd=work, env=env).stdout
     assert "--layers" in help_text and "--arch" in help_text
 
@@ -151,8 +163,6 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
                 "--triton-configs", "m128n128k64w8s4", "--model", "resnet18", "--batch", "8",
                 "--layers", r"layer2\.1\.conv1$", "--quiet", "--jobs", "1",
                 "--cubin-dir", str(work / "cubins"), "--json", str(rep)], cwd=work, env=env).stdout
-    import json
-
     rows = json.loads(rep.read_text())["rows"]
     assert len(rows) == 1, out
     r = rows[0]
