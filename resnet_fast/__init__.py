@@ -6,13 +6,14 @@ conv + BatchNorm (folded) + residual add + ReLU in one kernel pass, on Triton or
 
 from . import backends, ops
 from .convert import FUSED_KINDS, convert, fusion_summary, set_backend
-from .fold import FoldCache, fold_conv_bn
-from .modules import BasicBlock, Bottleneck, ConvBNAct
+from .fold import FoldCache, StaleFoldError, fold_conv_bn, refresh, verify_folds
+from .modules import BasicBlock, Bottleneck, ConvBNAct, ReferencePathWarning
 from .ops import add_relu, add_relu_, conv_bn_act
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BasicBlock", "Bottleneck", "ConvBNAct", "FUSED_KINDS", "FoldCache", "add_relu", "add_relu_",
-    "backends", "conv_bn_act", "convert", "fold_conv_bn", "fusion_summary", "ops", "set_backend",
+    "BasicBlock", "Bottleneck", "ConvBNAct", "FUSED_KINDS", "FoldCache", "ReferencePathWarning",
+    "StaleFoldError", "add_relu", "add_relu_", "backends", "conv_bn_act", "convert", "fold_conv_bn",
+    "fusion_summary", "ops", "refresh", "set_backend", "verify_folds",
 ]

@@ -6,21 +6,38 @@ so the conv weight absorbs s and the fused kernel adds t (plus the conv's own bi
 A BatchNorm *before* a conv (pre-activation blocks) becomes the per-input-channel prologue
 relu(x * s + t) of the kernel.
 
-The folded tensors are cached per conv. The cache key holds, for every tensor the fold reads,
-its identity (a weak reference), its storage address and its version counter, and BN's eps:
-an optimizer step or any in-place edit bumps the version, ``load_state_dict`` copies in place
-(version), ``.to()``/``.half()`` and ``param.data = ...`` put the tensor on new storage (address;
-the cache pins the storages it folded from, so no new storage can reuse their address), and
-assigning a new Parameter changes identity. Any of them refolds on the next forward.
+The folded tensors are cached per conv, and refolded on the next forward after anything they
+were folded from changes. What tells the cache, for every kind of change:
+
+* in-place ops (an optimizer step with ``foreach`` or a loop, ``torch.no_grad()`` edits,
+  ``nn.init``, ``load_state_dict``, which copies in place): the tensor's version counter;
+* a train() forward of a BatchNorm, which updates ``running_mean``/``running_var`` without
+  bumping their version counters: ``num_batches_tracked``, which it increments in place (a
+  BatchNorm that tracks running statistics but has no ``num_batches_tracked`` is never cached);
+* ``fused=True`` optimizers, whose kernels bump no version counter: a global optimizer step
+  hook (``register_optimizer_step_post_hook``) that invalidates every cache after any
+  optimizer's step;
+* ``.to()``/``.half()``/``param.data = other``: a new storage (the cache pins the storages it
+  folded from, so no new storage can reuse their address); a new Parameter or a swapped-in
+  tensor: identity (held strongly: weak references would block ``torch.utils.swap_tensors``);
+* ``torch.nn.utils.parametrize``: a parametrized module's tensor is computed on every access,
+  so such a module is never cached; BN's ``eps``: part of the key.
+
+The one kind of write that cannot be seen is one PyTorch itself does not record: in place
+through ``.data`` (its version counter is a fresh one), through ``.numpy()``, DLPack or
+``untyped_storage()``, or by replaying a CUDA graph. After such writes call
+:func:`refresh`; ``RESNET_FAST_VERIFY_FOLDS=1`` (or :func:`verify_folds`) refolds on every
+call and raises :class:`StaleFoldError` where a cached fold differs from the live tensors.
 """
 
 from __future__ import annotations
 
-import weakref
+import os
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,15 +78,57 @@ def fold_conv_bn(conv: nn.Conv2d, bn: Optional[nn.modules.batchnorm._BatchNorm],
     return w.to(dtype), b
 
 
-_FOLDED_NAMES = ("weight", "bias", "running_mean", "running_var")
+# num_batches_tracked is not folded, but a train() forward increments it in place while it
+# updates the running statistics without bumping their version counters
+_FOLDED_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_BN = nn.modules.batchnorm._BatchNorm
 
 
-def _module_tensors(m: Optional[nn.Module]) -> list:
-    """The tensors a fold reads from m. Read from the parameter and buffer dicts (module
-    __getattr__ costs ~1 us a name and this runs for every conv call); torchvision's
-    FrozenBatchNorm2d keeps weight/bias as buffers, and a plain tensor attribute still counts."""
+class StaleFoldError(RuntimeError):
+    """A cached fold no longer matches the live tensors (raised only while verify_folds is on)."""
+
+
+# --------------------------------------------------------------------------------------
+# Invalidation that no version counter carries: a process-wide generation every cache keys on
+# --------------------------------------------------------------------------------------
+_generation = 0
+_verify = os.environ.get("RESNET_FAST_VERIFY_FOLDS", "") not in ("", "0")
+
+
+def refresh(model: Optional[nn.Module] = None) -> None:
+    """Refold every cached fold on its next use. Needed only after writes PyTorch does not
+    record (in place through ``.data``, ``.numpy()``, DLPack, ``untyped_storage()`` or a CUDA
+    graph replay); ``model`` is accepted for readability: every cache of the process is
+    invalidated, which costs one refold per conv."""
+    global _generation
+    _generation += 1
+
+
+def verify_folds(enabled: bool = True) -> None:
+    """Debug switch: refold on every call and raise :class:`StaleFoldError` where the cached
+    fold differs from the live tensors (the environment variable RESNET_FAST_VERIFY_FOLDS=1
+    turns it on at import). Costs a full fold per conv call."""
+    global _verify
+    _verify = bool(enabled)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    # fused optimizers write parameters without bumping their version counters
+    refresh()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
+
+
+def _module_tensors(m: Optional[nn.Module]) -> Optional[list]:
+    """The tensors a fold reads from m, or None when m's tensors cannot be cached (see the
+    module doc). Read from the parameter and buffer dicts (module __getattr__ costs ~1 us a
+    name and this runs for every conv call); torchvision's FrozenBatchNorm2d keeps weight/bias
+    as buffers, and a plain tensor attribute still counts."""
     if m is None:
         return []
+    if "parametrizations" in m._modules:
+        return None
     params, buffers = m._parameters, m._buffers
     out = []
     for n in _FOLDED_NAMES:
@@ -80,14 +139,18 @@ def _module_tensors(m: Optional[nn.Module]) -> list:
         else:
             t = m.__dict__.get(n)
             out.append(t if isinstance(t, torch.Tensor) else None)
+    if out[4] is None and out[2] is not None and isinstance(m, _BN):
+        return None  # its running statistics could change unseen
     return out
 
 
-def _cache_key(tensors: list):
+def _cache_key(tensors: Optional[list]):
     """(storage address, version counter) of each tensor, flat; None when one of them cannot be
-    cached (inference tensors carry no version counter). Identity is checked apart (weak
-    references), and the cache pins the storages it folded from, so an address seen here again
-    is the same storage: dtype or device changes always show as a new address."""
+    cached (inference tensors carry no version counter). Identity is checked apart, and the
+    cache pins the storages it folded from, so an address seen here again is the same storage:
+    dtype or device changes always show as a new address."""
+    if tensors is None:
+        return None
     key = []
     try:
         for t in tensors:
@@ -108,8 +171,8 @@ class FoldCache:
     def __init__(self):
         self._key = None
         self._value = None
-        # ids can be reused once a tensor dies: weak references prove the keyed tensors are
-        # still the same objects
+        # the keyed tensors themselves (an id can be reused once a tensor dies); strong
+        # references, since torch.utils.swap_tensors refuses tensors with weak references
         self._refs: tuple = ()
         self._pins: tuple = ()
         #: (call signature, output shape) of the last call through this conv that passed the
@@ -119,21 +182,27 @@ class FoldCache:
     def get(self, conv: nn.Conv2d, bn, pre_bn, dtype: torch.dtype, backend):
         if torch.compiler.is_compiling():
             return _fold(conv, bn, pre_bn, dtype, backend)
-        tensors = _module_tensors(conv) + _module_tensors(bn) + _module_tensors(pre_bn)
+        parts = (_module_tensors(conv), _module_tensors(bn), _module_tensors(pre_bn))
+        if None in parts:
+            return _fold(conv, bn, pre_bn, dtype, backend)
+        tensors = parts[0] + parts[1] + parts[2]
         tkey = _cache_key(tensors)
         if tkey is None:
             return _fold(conv, bn, pre_bn, dtype, backend)
-        key = (tkey, getattr(bn, "eps", None), getattr(pre_bn, "eps", None), dtype, backend.name)
+        key = (tkey, _generation, getattr(bn, "eps", None), getattr(pre_bn, "eps", None), dtype,
+               backend.name)
         live = [t for t in tensors if t is not None]
-        if key != self._key or any(r() is not t for r, t in zip(self._refs, live)):
+        if key != self._key or any(r is not t for r, t in zip(self._refs, live)):
             self._value = _fold(conv, bn, pre_bn, dtype, backend)
             self._key = key
-            self._refs = tuple(weakref.ref(t) for t in live)
+            self._refs = tuple(live)
             # Holding the storages keeps their addresses from being reused by a later tensor
             # (``param.data = ...`` swaps storage without bumping the version counter, so a
             # reused address with an unchanged version would look like the folded data).
             self._pins = tuple(t.untyped_storage() for t in live)
             self.checked = None
+        elif _verify:
+            _check_fold(self._value, _fold(conv, bn, pre_bn, dtype, backend), conv)
         return self._value
 
     # A copy or a pickle starts empty: the folded tensors are derived state, and weak
@@ -147,6 +216,16 @@ class FoldCache:
     def clear(self):
         self._key = self._value = self.checked = None
         self._refs = self._pins = ()
+
+
+def _check_fold(cached, fresh, conv) -> None:
+    for name, a, b in zip(("weight", "bias", "pre_scale", "pre_bias"), cached, fresh):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            raise StaleFoldError(
+                f"resnet_fast: the cached folded {name} of a conv {tuple(conv.weight.shape)} no longer "
+                f"matches its module's tensors: something wrote them without PyTorch recording it "
+                f"(in place through .data, .numpy(), DLPack or untyped_storage(), or a CUDA graph "
+                f"replay). Call resnet_fast.refresh(model) after such writes.")
 
 
 @torch.no_grad()
