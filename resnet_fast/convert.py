@@ -3,14 +3,16 @@
 ``convert(model)`` fuses what it can of any model, in two ways that run the same fused unit
 (:func:`resnet_fast.modules.fused_conv`):
 
-* torchvision's BasicBlock/Bottleneck become the drop-in blocks of :mod:`resnet_fast.modules`
-  (sharing, not copying, their submodules and tensors) and a torchvision ResNet gets a fused
-  stem: a fast path for code known in advance, with no tracing;
+* torchvision's BasicBlock/Bottleneck, and a torchvision ResNet's stem, are given fused
+  subclasses of their own classes in place (the same objects: submodules, tensors and hooks
+  stay; ``isinstance`` still holds): a fast path for code known in advance, with no tracing;
 * everything else goes through the graph-level converter (:mod:`resnet_fast.fx_fusion`):
   user-written blocks, blocks without BN, plain and pre-activation blocks, timm models.
 
 ``state_dict`` keys, order and tensors stay exactly the same, and the model is converted in
-place (``convert(model) is model``). Modules it cannot convert are left as they are and named,
+place (``convert(model) is model``). The fused kernels run in eval() without autograd; train(),
+autograd and autocast run the original math (a :class:`ReferencePathWarning` says so once where a
+kernel backend was passed over). Modules it cannot convert are left as they are and named,
 with the reason, in one warning; ``fusion_summary(model)`` says what happened to every conv.
 """
 
@@ -25,7 +27,7 @@ from torch import nn
 from . import backends, fx_fusion
 from .fold import FoldCache
 from .modules import (FUSED_KINDS, BasicBlock, Bottleneck, ConvBNAct, _FusedBlock, conv_refusal,
-                      fusable_downsample, fused_conv, fused_kinds, norm_kind, to_nhwc)
+                      fusable_downsample, fused_conv, fused_kinds, has_hooks, norm_kind, to_nhwc)
 
 try:  # torchvision is the reference, not a runtime dependency
     from torchvision.models import resnet as _tv
@@ -53,7 +55,10 @@ if _tv is not None:
                 be = backends.resolve(self.backend, x, weight=self.conv1.weight, groups=self.conv1.groups)
                 if be.requires_nhwc:
                     x = to_nhwc(x)
-            x = fused_conv(x, self.conv1, self.bn1, self._stem_fold, relu=True, backend=self.backend)
+            if has_hooks(self.relu):  # the fused stem would skip the ReLU module's hooks
+                x = self.relu(self.bn1(self.conv1(x)))
+            else:  # fused_conv runs conv1 and bn1 themselves when they have hooks
+                x = fused_conv(x, self.conv1, self.bn1, self._stem_fold, relu=True, backend=self.backend)
             x = self.maxpool(x)
             x = self.layer1(x)
             x = self.layer2(x)
@@ -66,7 +71,19 @@ if _tv is not None:
         def fusion_rows(self):
             return [("conv1", fused_kinds(self.conv1, self.bn1, True), None)]
 
-    _TV_BLOCKS = {_tv.BasicBlock: BasicBlock, _tv.Bottleneck: Bottleneck}
+    class FusedBasicBlock(_FusedBlock, _tv.BasicBlock):
+        """torchvision's BasicBlock, fused in eval(); ``convert`` gives a block this class in place."""
+
+        _units = BasicBlock._units
+        _reference_forward = _tv.BasicBlock.forward
+
+    class FusedBottleneck(_FusedBlock, _tv.Bottleneck):
+        """torchvision's Bottleneck, fused in eval(); ``convert`` gives a block this class in place."""
+
+        _units = Bottleneck._units
+        _reference_forward = _tv.Bottleneck.forward
+
+    _TV_BLOCKS = {_tv.BasicBlock: FusedBasicBlock, _tv.Bottleneck: FusedBottleneck}
 else:  # pragma: no cover
     FusedResNet = None
     _TV_BLOCKS = {}
@@ -88,7 +105,9 @@ def _convert_torchvision(model: nn.Module, backend: Optional[str], problems: dic
                 problems[f"{parent_name}.{name}" if parent_name else name] = why
                 refused.add(child)
                 continue
-            setattr(parent, name, new_cls.from_torchvision(child, backend=backend))
+            child.__class__ = new_cls  # in place: the same object, hooks and all
+            child._init_fused()
+            child.backend = backends.validate_name(backend)
     # a stem the fast path cannot fuse is left to the graph-level converter, which says why
     if _tv is not None and type(model) is _tv.ResNet and _why_not_pair(model, "conv1", "bn1") is None:
         model.__class__ = FusedResNet

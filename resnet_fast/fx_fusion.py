@@ -259,8 +259,13 @@ class FusedGraph:
     change (the fold caches check that) or the module is copied.
     """
 
-    def __init__(self, graph: fx.Graph, specialized: tuple, units, rows, owner: str):
+    def __init__(self, graph: fx.Graph, specialized: tuple, units, rows, owner: str,
+                 watched: tuple = ()):
         self.units = units  # (key, conv, bn, pre_bn) submodule names
+        #: names of the submodules the original forward would call, or would reach, that the
+        #: rewritten one runs without calling (fused, or traced through): hooks registered on
+        #: any of them, now or later, send calls to the original forward
+        self.watched = watched
         self.specialized = specialized  # see trace()
         self.caches = {key: FoldCache() for key, *_ in units}
         self.rows = rows    # fusion_summary rows of every conv the graph calls
@@ -280,11 +285,11 @@ class FusedGraph:
         self._forward = namespace["forward"]
 
     def __call__(self, module: nn.Module, *args, **kwargs):
-        mods = [_submodule(module, name) for _, *names in self.units for name in names if name]
+        mods = [_submodule(module, name) for name in self.watched]
         # the original forward: for calls the graph was not traced for, for hooks registered
-        # on a fused module since (the fused op would skip them), and for exact math
-        if not self._at_defaults(args, kwargs) or any(has_hooks(m) for m in mods) \
-                or reference_reason(list(args) + list(kwargs.values()), mods) is not None:
+        # on a module it skips (the fused ops would skip them), and for exact math
+        if not self._at_defaults(args, kwargs) \
+                or reference_reason(list(args) + list(kwargs.values()), mods, self.backend) is not None:
             return type(module)._resnet_fast_base.forward(module, *args, **kwargs)
         if self.specialized:  # the graph has no parameters for them
             skip = {i for i, _, _ in self.specialized}
@@ -315,9 +320,21 @@ class FusedGraph:
 
 
 def _submodule(module: nn.Module, name: str) -> nn.Module:
+    # through _modules: module __getattr__ costs ~1 us a name, and this runs on every call
     for part in name.split("."):
-        module = getattr(module, part)
+        module = module._modules[part]
     return module
+
+
+def _watched(module: nn.Module, graph: fx.Graph, units) -> tuple:
+    """The submodules of ``module`` that the rewritten ``graph`` does not call, nor reach
+    through a module it calls (see FusedGraph.watched), and every unit's modules."""
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    names = [name for _, *names in units for name in names if name]
+    for name, _ in module.named_modules():
+        if name and not any(name == c or name.startswith(c + ".") for c in called):
+            names.append(name)
+    return tuple(dict.fromkeys(names))
 
 
 # --------------------------------------------------------------------------------------
@@ -373,7 +390,8 @@ def fused_graph_of(m: nn.Module) -> Optional[FusedGraph]:
 def install(module: nn.Module, traced: Traced, plan: Plan, owner: str) -> FusedGraph:
     """Rewrite the traced graph per ``plan`` and make it ``module``'s forward, in place."""
     units = rewrite(traced.graph, plan)
-    fg = FusedGraph(traced.graph, traced.specialized, units, plan.rows, owner)
+    fg = FusedGraph(traced.graph, traced.specialized, units, plan.rows, owner,
+                    _watched(module, traced.graph, units))
     module.__dict__[STATE_ATTR] = fg
     module.__class__ = fused_class(type(module))
     return fg

@@ -10,13 +10,14 @@ on the module's backend, with the folded weights from a never-stale :class:`Fold
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from . import backends, ops
-from .backends import say_once
 from .fold import FoldCache
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -27,10 +28,21 @@ _BN = nn.modules.batchnorm._BatchNorm
 # --------------------------------------------------------------------------------------
 def _needs_reference(tensors, modules) -> Optional[str]:
     """Why a call on ``tensors`` through ``modules`` must run the exact reference math instead
-    of the fused kernels, or None. Non-tensors (and None) among ``tensors`` are ignored."""
+    of the fused kernels, or None. ``modules``: every module the fused path would not call
+    (their hooks, and global module hooks, would not fire). Non-tensors (and None) among
+    ``tensors`` are ignored."""
     for m in modules:
         if m is not None and m.training:
             return "train mode"
+    for m in modules:
+        if m is not None and has_hooks(m):
+            return "hooks"
+    if global_hooks():
+        return "global hooks"
+    if torch.jit.is_tracing():
+        # the trace records the modules' own ops on their live parameters, the same graph
+        # whatever the grad mode, so the trace checker's rerun matches and nothing is frozen
+        return "jit trace"
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if torch.is_grad_enabled():
         if any(t.requires_grad for t in tensors):
@@ -48,24 +60,52 @@ def _needs_reference(tensors, modules) -> Optional[str]:
     return None
 
 
+class ReferencePathWarning(UserWarning):
+    """A converted model ran the unfused reference math where it could have run its fused
+    kernels, for a reason the caller can act on (given once per reason and process)."""
+
+
 _WHY_REFERENCE = {
     "autograd": ("resnet_fast: eval() forward with autograd enabled runs the reference math so "
                  "gradients are exact; wrap inference in torch.no_grad() or torch.inference_mode() "
                  "to run the fused kernels"),
     "autocast": ("resnet_fast: forward under autocast runs the reference math; cast the model "
                  "with .half()/.bfloat16() instead to run the fused kernels"),
+    "global hooks": ("resnet_fast: global module hooks are registered "
+                     "(torch.nn.modules.module.register_module_forward_hook and the like), which "
+                     "the fused path would skip: converted models run the reference math while "
+                     "they are"),
 }
+_warned: set = set()
 
 
-def reference_reason(tensors, modules) -> Optional[str]:
-    """:func:`_needs_reference`, telling the user once when the reason is one they can act on.
+def reference_reason(tensors, modules, backend=None) -> Optional[str]:
+    """:func:`_needs_reference`, warning once (:class:`ReferencePathWarning`) when the reason is
+    one the user can act on and a kernel backend would otherwise have run the call.
 
     The one rule every fused module follows to choose between its fused and its exact path.
     """
     why = _needs_reference(tensors, modules)
-    if why in _WHY_REFERENCE:
-        say_once(_WHY_REFERENCE[why])
+    if why in _WHY_REFERENCE and why not in _warned and not torch.compiler.is_compiling():
+        x = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+        if x is not None and _kernel_backend_for(backend, x):
+            _warned.add(why)
+            warnings.warn(_WHY_REFERENCE[why], ReferencePathWarning, stacklevel=4)
     return why
+
+
+def _kernel_backend_for(backend, x: torch.Tensor) -> bool:
+    """Whether a fused call on x would run on a kernel backend (not the reference math)."""
+    try:
+        return backends.resolve(backend, x).name != "torch"
+    except Exception:  # noqa: BLE001 - no backend at all: nothing faster was missed
+        return False
+
+
+def global_hooks() -> bool:
+    """Whether module hooks are registered for every module (the fused path would skip them)."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+                or _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks)
 
 
 def to_nhwc(t: torch.Tensor) -> torch.Tensor:
@@ -77,10 +117,11 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
                backend=None) -> torch.Tensor:
     """act(bn(conv(pre(x))) [+ residual]) with pre(x) = relu(pre_bn(x)) when pre_bn is given.
 
-    eval(): one fused op on the backend with folded weights. Otherwise: the modules' own
-    forward, so BatchNorm's training semantics and autograd are exactly torch's.
+    eval(): one fused op on the backend with folded weights. Otherwise (see _needs_reference,
+    hooks on the modules included): the modules' own forward, so BatchNorm's training
+    semantics, autograd and hooks are exactly torch's.
     """
-    if reference_reason((x, residual), (conv, bn, pre_bn)) is not None:
+    if reference_reason((x, residual), (conv, bn, pre_bn), backend) is not None:
         if pre_bn is not None:
             x = torch.relu(pre_bn(x))
         y = conv(x)
@@ -278,9 +319,18 @@ class _FusedBlock(nn.Module):
     def _reference_forward(self, x):
         raise NotImplementedError
 
+    def _skipped_modules(self) -> list:
+        """Every module the fused forward runs without calling it (its hooks would not fire)."""
+        mods = self._modules
+        out = [mods[n] for pair in self._units for n in pair]
+        out.append(mods["relu"])
+        ds = mods.get("downsample")
+        if fusable_downsample(ds) is not None:
+            out += [ds, ds[0], ds[1]]
+        return out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mods = [getattr(self, n) for pair in self._units for n in pair]
-        if _needs_reference((x,), mods) is not None:
+        if reference_reason((x,), self._skipped_modules(), self.backend) is not None:
             return self._reference_forward(x)
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of "
