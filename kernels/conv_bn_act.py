@@ -27,11 +27,15 @@ Everything after the GEMM is done on the fp32 accumulator before the single stor
 from __future__ import annotations
 
 import inspect
+import logging
 import os
+import time
 
 import torch
 import triton
 import triton.language as tl
+
+_log = logging.getLogger("resnet_fast")
 
 #: kernels decorated while TRITON_INTERPRET=1 run in Triton's interpreter (CPU tensors too)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -338,8 +342,14 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
     # First launch of this layer without a fixed config: the autotuner picks one (or finds its
     # earlier pick), and the plan keeps it so later launches skip the autotuner's per-call work.
     tuner = _tuned_kernels[plan.constexprs["SMALL_CIN"]]
+    start = time.perf_counter()
     tuner[plan.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, **plan.scalars, **plan.constexprs)
     plan.set_config(tuner.best_config)
+    # a first forward autotunes every new layer shape (seconds each): say so, one line a layer
+    _log.info("resnet_fast: Triton conv %s->%s %sx%s/s%s on %s %s tuned in %.1f s (%s)",
+              x.shape[1], weight.shape[0], weight.shape[2], weight.shape[3], stride[0],
+              "x".join(map(str, x.shape[2:])), str(x.dtype).replace("torch.", ""),
+              time.perf_counter() - start, config_name(tuner.best_config))
     return out
 
 

@@ -15,8 +15,9 @@ dtype of x, in whatever memory format the backend packed it into; bias, pre_scal
 are per-channel float32 (float64 when x is float64).
 
 This module holds the schemas, the one fake (meta) implementation, the one reference
-implementation in plain torch, the argument checks shared by every backend, and dispatch by
-backend name. Backends register one custom op per op under the ``resnet_fast`` namespace with
+implementation in plain torch, the one backward (registered for every backend's op, so the ops
+compose with autograd whichever backend runs the forward), the argument checks shared by every
+backend, and dispatch by backend name. Backends register one custom op per op under the ``resnet_fast`` namespace with
 :func:`define_backend_ops`, so ``torch.compile``, ``torch.export`` and CUDA graphs see one
 shape of op whichever backend runs.
 """
@@ -65,6 +66,21 @@ def is_nhwc(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def check_tensor_args(op: str, required: dict, optional: dict = {}) -> None:  # noqa: B006 - read only
+    """TypeError naming the first argument that is not a tensor (None allowed in ``optional``)."""
+    for name, t in required.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in optional.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+
+
+def _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias) -> None:
+    check_tensor_args("conv_bn_act", {"x": x, "weight": weight, "bias": bias},
+                      {"residual": residual, "pre_scale": pre_scale, "pre_bias": pre_bias})
+
+
 def check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups, residual,
                            pre_scale, pre_bias, *, require_nhwc: bool) -> tuple[int, int, int, int]:
     """Validate one call of conv_bn_act; returns the output shape (N, Cout, Ho, Wo).
@@ -72,9 +88,10 @@ def check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups, r
     Raises TypeError/ValueError/RuntimeError with a message a user can act on, so that no
     kernel ever sees an argument it would fault on.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"conv_bn_act expects a 4-D input (N, C, H, W), got "
-                         f"{'a ' + type(x).__name__ if not isinstance(x, torch.Tensor) else f'{x.dim()}-D tensor of shape {tuple(x.shape)}'}")
+    _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias)
+    if x.dim() != 4:
+        raise ValueError(f"conv_bn_act expects a 4-D input (N, C, H, W), got a {x.dim()}-D "
+                         f"tensor of shape {tuple(x.shape)}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"conv_bn_act expects a floating-point input, got {x.dtype}")
     if weight.dim() != 4:
@@ -128,6 +145,7 @@ def empty_nhwc(like: torch.Tensor, shape) -> torch.Tensor:
 
 
 def check_add_relu_args(a: torch.Tensor, b: torch.Tensor) -> None:
+    check_tensor_args("add_relu", {"a": a, "b": b})
     if a.shape != b.shape:
         raise ValueError(f"add_relu needs tensors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype:
@@ -145,6 +163,14 @@ def check_add_relu_args(a: torch.Tensor, b: torch.Tensor) -> None:
 def conv_bn_act_reference(x, weight, bias, stride, padding, dilation, groups,
                           residual=None, relu=True, pre_scale=None, pre_bias=None):
     acc = bias.dtype
+    if x.shape[1] == 0:  # no input channels: the conv sums nothing, y = act(bias [+ residual])
+        n, _, h, w = x.shape
+        ho, wo = conv_output_hw(h, w, weight.shape[2], weight.shape[3], stride, padding, dilation)
+        y = bias.view(1, -1, 1, 1).expand(n, -1, ho, wo)
+        if residual is not None:
+            y = y + residual.to(acc)
+        y = torch.relu(y) if relu else y
+        return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
     if pre_scale is not None:
         x = torch.relu(x.to(acc) * pre_scale.view(1, -1, 1, 1) + pre_bias.view(1, -1, 1, 1)).to(x.dtype)
     if x.dtype == acc:
@@ -186,6 +212,64 @@ def add_relu_inplace_fake(a, b):
     return None
 
 
+# --------------------------------------------------------------------------------------
+# The one backward, in torch ops (cuDNN's conv backward on a GPU), registered for every
+# backend's forward op: the ops compose with autograd whichever backend runs the forward.
+# --------------------------------------------------------------------------------------
+_X, _WEIGHT, _BIAS, _RESIDUAL, _PRE_SCALE, _PRE_BIAS = 0, 1, 2, 7, 9, 10
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias = inputs
+    ctx.conv = (list(stride), list(padding), list(dilation), groups, relu, residual is not None)
+    ctx.save_for_backward(x, weight, pre_scale, pre_bias, output if relu else None)
+
+
+def _conv_backward(ctx, grad):
+    x, weight, pre_scale, pre_bias, y = ctx.saved_tensors
+    stride, padding, dilation, groups, relu, has_residual = ctx.conv
+    need = ctx.needs_input_grad
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = grad.to(acc)
+    if relu:
+        g = g * (y > 0)  # relu(v) > 0 exactly where v > 0
+    grads = [None] * 11
+    if need[_BIAS]:
+        grads[_BIAS] = g.sum((0, 2, 3))
+    if has_residual and need[_RESIDUAL]:
+        grads[_RESIDUAL] = g.to(x.dtype)
+    pre = pre_scale is not None
+    if pre:
+        z = x.to(acc) * pre_scale.view(1, -1, 1, 1) + pre_bias.view(1, -1, 1, 1)
+        x_in = torch.relu(z).to(x.dtype)
+    else:
+        x_in = x
+    want_x = need[_X] or (pre and (need[_PRE_SCALE] or need[_PRE_BIAS]))
+    if want_x or need[_WEIGHT]:
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g.to(x.dtype), x_in, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [bool(want_x), bool(need[_WEIGHT]), False])
+        grads[_WEIGHT] = gw
+        if pre and gx is not None:
+            gz = gx.to(acc) * (z > 0)
+            grads[_X] = (gz * pre_scale.view(1, -1, 1, 1)).to(x.dtype) if need[_X] else None
+            grads[_PRE_SCALE] = (gz * x.to(acc)).sum((0, 2, 3)) if need[_PRE_SCALE] else None
+            grads[_PRE_BIAS] = gz.sum((0, 2, 3)) if need[_PRE_BIAS] else None
+        else:
+            grads[_X] = gx
+    return tuple(grads)
+
+
+def _add_relu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _add_relu_backward(ctx, grad):
+    (y,) = ctx.saved_tensors
+    g = grad * (y > 0)
+    return g, g
+
+
 def define_backend_ops(suffix: str, conv_impl=None, add_relu_impl=None, add_relu_inplace_impl=None,
                        dispatch_key: str = "CompositeExplicitAutograd"):
     """Define resnet_fast::{conv_bn_act,add_relu,add_relu_inplace}_<suffix> with the shared
@@ -209,6 +293,12 @@ def define_backend_ops(suffix: str, conv_impl=None, add_relu_impl=None, add_relu
             torch.library.register_fake(f"{NAMESPACE}::{qual}", fakes[op], lib=lib)
             if impls[op] is not None:
                 lib.impl(qual, impls[op], dispatch_key)
+        # add_relu_inplace mutates its input: no autograd formula (ops.add_relu_ refuses
+        # inputs that need one)
+        torch.library.register_autograd(f"{NAMESPACE}::conv_bn_act_{suffix}", _conv_backward,
+                                        setup_context=_conv_setup_context, lib=lib)
+        torch.library.register_autograd(f"{NAMESPACE}::add_relu_{suffix}", _add_relu_backward,
+                                        setup_context=_add_relu_setup_context, lib=lib)
         _libraries[suffix] = lib
     ns = getattr(torch.ops, NAMESPACE)
     return (getattr(ns, f"conv_bn_act_{suffix}").default,
@@ -231,6 +321,7 @@ def conv_bn_act(x, weight, bias, stride=1, padding=0, dilation=1, groups=1,
     """
     from .backends import resolve
 
+    _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias)
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     be = resolve(backend, x, weight=weight, groups=groups, pre=pre_scale is not None)
     out_shape = check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups,
@@ -250,18 +341,25 @@ def run_checked_conv_bn_act(be, out_shape, x, weight, bias, stride, padding, dil
                           residual, relu, pre_scale, pre_bias)
 
 
-def direct_call_ok(x: torch.Tensor) -> bool:
-    """Whether an eager call may run a backend's Python kernel directly instead of through its
-    torch.library op (the dispatcher round trip costs ~10 us a call, a tenth of a small conv).
+def direct_call_ok(x: torch.Tensor, *others) -> bool:
+    """Whether an eager call on x (and the tensors ``others``) may run a backend's Python kernel
+    directly instead of through its torch.library op (the dispatcher round trip costs ~10 us a
+    call, a tenth of a small conv).
 
     Only for a plain tensor with nothing watching the dispatcher: torch.compile / torch.export
     tracing, jit tracing, a TorchDispatchMode (FakeTensorMode, FlopCounterMode, ...) and the
-    profiler must all see the op, so each of them takes the op.
+    profiler must all see the op, so each of them takes the op; so does a call autograd must
+    record (the op carries the backward).
     """
     # is_compiling() first: under torch.compile it is a constant and the rest is never traced
     return (not torch.compiler.is_compiling() and type(x) is torch.Tensor
             and not torch._C._len_torch_dispatch_stack() and not torch.jit.is_tracing()
-            and not torch.autograd._profiler_enabled())
+            and not torch.autograd._profiler_enabled()
+            and not (torch.is_grad_enabled() and _any_requires_grad(x, others)))
+
+
+def _any_requires_grad(x: torch.Tensor, others) -> bool:
+    return x.requires_grad or any(t is not None and t.requires_grad for t in others)
 
 
 def add_relu(a, b, *, backend=None):
@@ -275,10 +373,14 @@ def add_relu(a, b, *, backend=None):
 
 
 def add_relu_(a, b, *, backend=None):
-    """a <- relu(a + b) on the chosen backend; returns a."""
+    """a <- relu(a + b) on the chosen backend; returns a. Records no autograd: for inputs that
+    need gradients use :func:`add_relu`."""
     from .backends import resolve
 
     check_add_relu_args(a, b)
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        raise RuntimeError("add_relu_ writes into a and records no autograd, but an input requires "
+                           "grad: use add_relu(a, b), or call it under torch.no_grad()")
     if a.numel():
         resolve(backend, a).add_relu_(a, b)
     return a

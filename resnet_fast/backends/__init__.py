@@ -23,6 +23,24 @@ from .base import Backend
 
 log = logging.getLogger("resnet_fast")
 
+
+class _UnconfiguredHandler(logging.StreamHandler):
+    """stderr, for as long as the application has configured no logging of its own (then the
+    records propagate to its handlers as usual)."""
+
+    def emit(self, record):
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
+# Long first-use steps (a CUDA build, Triton autotuning) say what they are doing at INFO, which
+# shows by default; RESNET_FAST_LOG_LEVEL (e.g. WARNING) or log.setLevel quiets it.
+if not log.handlers:
+    _handler = _UnconfiguredHandler()
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(os.environ.get("RESNET_FAST_LOG_LEVEL", "INFO").upper())
+
 #: name -> "module:Class", imported on first use so that e.g. the CUDA build never runs at import
 _REGISTRY: dict[str, str] = {
     "torch": "resnet_fast.backends.torch_backend:TorchBackend",
@@ -40,7 +58,12 @@ _said: set[str] = set()
 
 
 def say_once(msg: str, level: int = logging.INFO) -> None:
-    """Log a fallback or choice message once per process (they repeat every layer otherwise)."""
+    """Log a fallback or choice message once per process (they repeat every layer otherwise).
+
+    Silent while torch.compile traces: dynamo cannot trace a logger call, and an eager call of
+    the same module has said it already or will."""
+    if torch.compiler.is_compiling():
+        return
     if msg not in _said:
         _said.add(msg)
         log.log(level, msg)
@@ -101,8 +124,11 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
             if ok:
                 if reasons:
                     # landing on the reference math on a GPU is worth a warning; on the CPU it
-                    # is the expected default
-                    level = logging.WARNING if cand == "torch" and x.device.type == "cuda" else logging.INFO
+                    # is the expected default, said only to those who ask (DEBUG)
+                    if cand == "torch":
+                        level = logging.WARNING if x.device.type == "cuda" else logging.DEBUG
+                    else:
+                        level = logging.INFO
                     say_once(f"resnet_fast: auto picked {cand!r} for {x.device.type}/{x.dtype} "
                              f"({'; '.join(reasons)})", level)
                 return get(cand)

@@ -60,7 +60,7 @@ class TritonBackend(Backend):
 
     def conv_bn_act(self, x, weight, bias, stride, padding, dilation, groups,
                     residual, relu, pre_scale, pre_bias):
-        run = _conv_impl if ops.direct_call_ok(x) else _conv_op
+        run = _conv_impl if ops.direct_call_ok(x, weight, bias, residual, pre_scale, pre_bias) else _conv_op
         return run(x, weight, bias, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias)
 
     # The kernel walks a and b as flat buffers; operands in two different memory orders go to
@@ -68,12 +68,12 @@ class TritonBackend(Backend):
     def add_relu(self, a, b):
         if not _add_relu.same_memory_order(a, b):
             return _fallback().add_relu(a, b)
-        return (_add_relu.add_relu if ops.direct_call_ok(a) else _add_relu_op)(a, b)
+        return (_add_relu.add_relu if ops.direct_call_ok(a, b) else _add_relu_op)(a, b)
 
     def add_relu_(self, a, b):
         if not _add_relu.same_memory_order(a, b):
             return _fallback().add_relu_(a, b)
-        (_add_relu_inplace_impl if ops.direct_call_ok(a) else _add_relu_inplace_op)(a, b)
+        (_add_relu_inplace_impl if ops.direct_call_ok(a, b) else _add_relu_inplace_op)(a, b)
 
 
 def _fallback() -> Backend:
