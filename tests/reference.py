@@ -2,6 +2,7 @@
 
 import copy
 import io
+import os
 import subprocess
 import sys
 
@@ -39,9 +40,12 @@ def copies_of(model: nn.Module) -> list[nn.Module]:
     return [copy.deepcopy(model), torch.load(buf, weights_only=False)]
 
 
-def run_python(code: str, timeout: int = 300) -> str:
-    """Run ``code`` in a fresh interpreter (nothing imported, nothing cached); returns its
-    stdout, and fails the calling test with the end of its stderr when it exits non-zero."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+def run_python(code: str, timeout: int = 300, unset: tuple = ()) -> str:
+    """Run ``code`` in a fresh interpreter (nothing imported, nothing cached; environment
+    variables named in ``unset`` removed); returns its stdout, and fails the calling test with
+    the end of its stderr when it exits non-zero."""
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
