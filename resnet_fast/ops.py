@@ -24,10 +24,13 @@ shape of op whichever backend runs.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 
 NAMESPACE = "resnet_fast"
 
@@ -312,8 +315,12 @@ _libraries: dict[str, torch.library.Library] = {}
 # --------------------------------------------------------------------------------------
 # Public entry points: dispatch by backend.
 # --------------------------------------------------------------------------------------
-def conv_bn_act(x, weight, bias, stride=1, padding=0, dilation=1, groups=1,
-                residual=None, relu=True, pre_scale=None, pre_bias=None, *, backend=None):
+def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0,
+                dilation: int | Sequence[int] = 1, groups: int = 1,
+                residual: Optional[torch.Tensor] = None, relu: bool = True,
+                pre_scale: Optional[torch.Tensor] = None, pre_bias: Optional[torch.Tensor] = None, *,
+                backend: Union[str, "Backend", None] = None) -> torch.Tensor:
     """Fused conv + folded BN (+ residual) (+ ReLU) on the chosen backend (see module doc).
 
     ``backend``: a name (see :mod:`resnet_fast.backends`), a Backend object already resolved
@@ -362,7 +369,7 @@ def _any_requires_grad(x: torch.Tensor, others) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for t in others)
 
 
-def add_relu(a, b, *, backend=None):
+def add_relu(a: torch.Tensor, b: torch.Tensor, *, backend: Union[str, "Backend", None] = None) -> torch.Tensor:
     """relu(a + b) on the chosen backend."""
     from .backends import resolve
 
@@ -372,7 +379,7 @@ def add_relu(a, b, *, backend=None):
     return resolve(backend, a).add_relu(a, b)
 
 
-def add_relu_(a, b, *, backend=None):
+def add_relu_(a: torch.Tensor, b: torch.Tensor, *, backend: Union[str, "Backend", None] = None) -> torch.Tensor:
     """a <- relu(a + b) on the chosen backend; returns a. Records no autograd: for inputs that
     need gradients use :func:`add_relu`."""
     from .backends import resolve

@@ -630,14 +630,17 @@ def test_random_mutation_sequences(name, seed):
 
 
 # ---- compile and export with the default backend, in a fresh process (issue 15) ----------
-def test_compile_and_export_with_the_default_backend_in_a_fresh_process():
+@pytest.mark.parametrize("backend", [None, "auto", "torch"])
+def test_compile_and_export_in_a_fresh_process(backend):
     # as a user on this CPU machine runs it: no Triton interpreter (the suite sets it), so the
     # default backend passes over triton and cuda, saying why, inside the compiled forward
+    convert = "resnet_fast.convert(make().eval())" if backend is None else \
+        f"resnet_fast.convert(make().eval(), backend={backend!r})"
     run_python(
         "import torch, torchvision, resnet_fast\n"
         "from tests import any_resnets as ar\n"
         "for make in (lambda: torchvision.models.resnet18(num_classes=10), lambda: ar.cifar_resnet18(width=8)):\n"
-        "    m = resnet_fast.convert(make().eval())\n"
+        f"    m = {convert}\n"
         "    x = torch.randn(1, 3, 16, 16)\n"
         "    with torch.no_grad():\n"
         "        y = torch.compile(m, fullgraph=True, backend='aot_eager')(x)\n"

@@ -168,3 +168,16 @@ def test_explicit_backend_falls_back_to_the_first_that_takes_the_call(monkeypatc
     assert backends.resolve("noprologue", x, pre=True).name == "takes"
     monkeypatch.setattr(backends, "AUTO_ORDER", ("noprologue", "torch"))
     assert backends.resolve("noprologue", x, pre=True).name == "torch"
+
+
+def test_public_functions_are_annotated():
+    import inspect
+    import pathlib
+
+    import resnet_fast as rf
+    for fn in (rf.convert, rf.fusion_summary, rf.set_backend, rf.ops.conv_bn_act, rf.ops.add_relu,
+               rf.ops.add_relu_, rf.refresh, rf.verify_folds):
+        sig = inspect.signature(fn)
+        missing = [n for n, p in sig.parameters.items() if p.annotation is inspect.Parameter.empty]
+        assert not missing and sig.return_annotation is not inspect.Signature.empty, (fn.__name__, missing)
+    assert (pathlib.Path(rf.__file__).parent / "py.typed").exists()
