@@ -1,8 +1,8 @@
 """The distinct convolutions of a ResNet: shape + epilogue, and how often each occurs.
 
-A torchvision ResNet pairs each conv with its BN by the block's structure (:func:`conv_units`);
-any other model (timm's, pre-activation ones) is converted and its units read off the fused
-graph (:func:`graph_units`). A conv's epilogue is what follows its (optional) BatchNorm:
+Which conv runs with which BN, residual and prologue is read off the converter's fusion plan
+(:func:`plan_units`, :mod:`resnet_fast.plan`), for torchvision, timm and user-written models
+alike. A conv's epilogue is what follows its (optional) BatchNorm:
 
     relu            stem conv1, a bottleneck's conv1/conv2, a basic block's conv1
     residual+relu   the block's last conv (the identity or downsample output added, then ReLU)
@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+
+if TYPE_CHECKING:  # resnet_fast is imported where used: see models.py (TRITON_INTERPRET)
+    from resnet_fast.plan import FusedUnit
 
 
 @dataclass
@@ -26,7 +29,7 @@ class ConvLayer:
     name: str                       # first occurrence, e.g. "layer2.0.conv2"
     conv: torch.nn.Conv2d           # of that occurrence (the fp32 model's)
     bn: Optional[torch.nn.BatchNorm2d]
-    epilogue: str                   # "relu" | "residual+relu" | "residual" | "none"
+    unit: FusedUnit                 # the fusion plan's unit of that occurrence
     in_shape: tuple                 # (C, H, W) of the input, per image
     out_shape: tuple                # (C, H, W) of the output, per image
     names: list = field(default_factory=list)   # every occurrence
@@ -37,12 +40,17 @@ class ConvLayer:
         return len(self.names)
 
     @property
+    def epilogue(self) -> str:
+        """"relu" | "residual+relu" | "residual" | "none" (see FusedUnit.epilogue)."""
+        return self.unit.epilogue
+
+    @property
     def residual(self) -> bool:
-        return "residual" in self.epilogue
+        return self.unit.residual
 
     @property
     def relu(self) -> bool:
-        return "relu" in self.epilogue
+        return self.unit.relu
 
     @property
     def pre(self) -> bool:
@@ -50,7 +58,7 @@ class ConvLayer:
 
     def full_epilogue(self) -> str:
         """The epilogue with the prologue named too (the kernel report's strings)."""
-        return f"pre+{self.epilogue}" if self.pre else self.epilogue
+        return self.unit.kernel_epilogue
 
     def key(self) -> tuple:
         c = self.conv
@@ -94,28 +102,6 @@ class ConvLayer:
                 "bytes": self.bytes(batch, itemsize)}
 
 
-def conv_units(model: torch.nn.Module) -> list[tuple[str, torch.nn.Conv2d, torch.nn.BatchNorm2d, str]]:
-    """(name, conv, bn, epilogue) for every conv of a torchvision ResNet, in forward order."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck  # lazy: see models.py
-
-    units = [("conv1", model.conv1, model.bn1, "relu")]
-    for lname in ("layer1", "layer2", "layer3", "layer4"):
-        for i, blk in enumerate(getattr(model, lname)):
-            p = f"{lname}.{i}"
-            if isinstance(blk, Bottleneck):
-                units += [(f"{p}.conv1", blk.conv1, blk.bn1, "relu"),
-                          (f"{p}.conv2", blk.conv2, blk.bn2, "relu"),
-                          (f"{p}.conv3", blk.conv3, blk.bn3, "residual+relu")]
-            elif isinstance(blk, BasicBlock):
-                units += [(f"{p}.conv1", blk.conv1, blk.bn1, "relu"),
-                          (f"{p}.conv2", blk.conv2, blk.bn2, "residual+relu")]
-            else:
-                raise TypeError(f"{p} is a {type(blk).__name__}, not a torchvision BasicBlock/Bottleneck")
-            if blk.downsample is not None:
-                units.append((f"{p}.downsample.0", blk.downsample[0], blk.downsample[1], "none"))
-    return units
-
-
 @torch.no_grad()
 def conv_shapes(model: torch.nn.Module, resolution: int) -> dict[str, tuple[tuple, tuple]]:
     """name -> ((C,H,W) in, (C,H,W) out) per conv, traced on the meta device."""
@@ -132,51 +118,33 @@ def conv_shapes(model: torch.nn.Module, resolution: int) -> dict[str, tuple[tupl
     return shapes
 
 
-def graph_units(model: torch.nn.Module) -> list[tuple]:
-    """(name, conv, bn, epilogue, pre_bn) for every fused unit of any model the graph converter
-    takes (timm's ResNets, pre-activation ones, user-written blocks), in forward order.
-
-    A copy of the model is converted on the meta device; the names its fused graphs give each
-    unit's conv, BN and prologue BN are resolved in ``model`` itself."""
+def plan_units(model: torch.nn.Module) -> list[tuple]:
+    """(unit, conv, bn, pre_bn) for every unit of the model's fusion plan, in forward
+    order: a copy of the model is converted on the meta device and its plan
+    (:func:`resnet_fast.plan.units`) resolved in ``model`` itself."""
     import warnings
 
     import resnet_fast
-    from resnet_fast.fx_fusion import fused_graph_of
-    from resnet_fast.kernel_report.layers import epilogue_name
+    from resnet_fast import plan
 
     meta = copy.deepcopy(model).to("meta")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # units it cannot convert are simply not measured
-        conv_model = resnet_fast.convert(meta, backend="torch")
-    kinds = {r["name"]: r["fused"] for r in resnet_fast.fusion_summary(conv_model)}
-    units = []
-    for prefix, m in conv_model.named_modules():
-        g = fused_graph_of(m)
-        if g is None:
-            continue
-        for _, *names in g.units:
-            conv_name, bn_name, pre_name = (f"{prefix}.{n}" if prefix and n else n for n in names)
-            # what follows the GEMM; the prologue is the unit's pre_bn
-            epi = epilogue_name([k for k in kinds.get(conv_name, ()) if k != "pre_bn_relu"])
-            units.append((conv_name, model.get_submodule(conv_name),
-                          model.get_submodule(bn_name) if bn_name else None, epi,
-                          model.get_submodule(pre_name) if pre_name else None))
-    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-    return sorted(units, key=lambda u: order[u[0]])
+        converted = resnet_fast.convert(meta, backend="torch")
+    get = (lambda n: model.get_submodule(n) if n else None)
+    return [(u, get(u.conv), get(u.bn), get(u.pre_bn)) for u in plan.units(converted)]
 
 
 def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
-    """The model's distinct convs (same shape and epilogue counted once), in forward order:
-    torchvision ResNets by their block structure, any other model by its fused graph."""
-    from torchvision.models.resnet import ResNet  # lazy: see models.py
-
+    """The model's distinct convs (same shape and epilogue counted once), in forward order, as
+    the converter's fusion plan describes them."""
     shapes = conv_shapes(model, resolution)
-    units = ([u + (None,) for u in conv_units(model)] if isinstance(model, ResNet)
-             else graph_units(model))
+    units = plan_units(model)
     seen: dict[tuple, ConvLayer] = {}
-    for name, conv, bn, epi, pre_bn in units:
+    for unit, conv, bn, pre_bn in units:
+        name = unit.conv
         ins, outs = shapes[name]
-        layer = ConvLayer(name=name, conv=conv, bn=bn, epilogue=epi, in_shape=ins, out_shape=outs,
+        layer = ConvLayer(name=name, conv=conv, bn=bn, unit=unit, in_shape=ins, out_shape=outs,
                           pre_bn=pre_bn)
         k = layer.key()
         if k in seen:

@@ -26,8 +26,10 @@ from torch import nn
 
 from . import backends, fx_fusion
 from .fold import FoldCache
-from .modules import (FUSED_KINDS, BasicBlock, Bottleneck, ConvBNAct, _FusedBlock, conv_refusal,
-                      fusable_downsample, fused_conv, fused_kinds, has_hooks, norm_kind, to_nhwc)
+from . import plan
+from .modules import (BasicBlock, Bottleneck, ConvBNAct, _FusedBlock, conv_refusal, fusable_downsample,
+                      fused_conv, has_hooks, norm_kind, to_nhwc)
+from .plan import FUSED_KINDS, FusedUnit, unit_of
 
 try:  # torchvision is the reference, not a runtime dependency
     from torchvision.models import resnet as _tv
@@ -68,8 +70,9 @@ if _tv is not None:
             x = torch.flatten(x, 1)
             return self.fc(x)
 
-        def fusion_rows(self):
-            return [("conv1", fused_kinds(self.conv1, self.bn1, True), None)]
+        def fused_units(self) -> list[FusedUnit]:
+            """The stem unit this module runs (its blocks run their own)."""
+            return [unit_of("conv1", self.conv1, "bn1", relu=True)]
 
     class FusedBasicBlock(_FusedBlock, _tv.BasicBlock):
         """torchvision's BasicBlock, fused in eval(); ``convert`` gives a block this class in place."""
@@ -207,29 +210,22 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
     "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
     (see FUSED_KINDS; empty when none); "reason" None, or why it is not (or not fully) fused;
     "runs_fused" whether the conv runs on resnet_fast's conv op in eval() (every fused conv,
-    and a stem with nothing to fuse: see fx_patterns.BARE_UNIT_MAX_CIN).
+    and a stem with nothing to fuse: see fx_patterns.BARE_UNIT_MAX_CIN). Read off the model's
+    fusion plan (:func:`resnet_fast.plan.units`).
     """
-    covered = {}
-    on_op = set()
-    for prefix, m in model.named_modules():
-        fg = fx_fusion.fused_graph_of(m)
-        if fg is not None:
-            on_op.update(f"{prefix}.{conv}" if prefix else conv for _, conv, *_ in fg.units)
-        rows = getattr(m, "fusion_rows", None)
-        if rows is None or not callable(rows):
-            continue
-        for local, fused, reason in rows():
-            covered[f"{prefix}.{local}" if prefix else local] = (fused, reason)
+    fused = {u.conv: u for u in plan.units(model)}
+    reasons = plan.reasons(model)
     notes = model.__dict__.get("_resnet_fast_notes", {})
     out = FusionSummary()
     for name, m in model.named_modules():
         if not isinstance(m, nn.Conv2d):
             continue
-        fused, reason = covered.get(name, ((), None))
-        if not fused and reason is None:
+        unit = fused.get(name)
+        kinds = unit.kinds if unit is not None else ()
+        reason = reasons.get(name)
+        if not kinds and reason is None:
             reason = _nearest_note(notes, name) or "not part of a recognised conv pattern"
-        out.append({"name": name, "fused": fused, "reason": reason,
-                    "runs_fused": bool(fused) or name in on_op})
+        out.append({"name": name, "fused": kinds, "reason": reason, "runs_fused": unit is not None})
     return out
 
 

@@ -38,6 +38,7 @@ from torch import fx, nn
 from . import ops
 from .fold import FoldCache
 from .fx_patterns import Plan, find_units
+from .plan import FusedUnit
 from .modules import _like_input, fused_conv, has_hooks, reference_reason, special_leaf
 
 #: the attribute of a converted module that holds its FusedGraph (not a submodule: no state_dict)
@@ -215,11 +216,11 @@ def _fits(x: torch.Tensor, residual, conv: nn.Conv2d) -> bool:
             and residual.dtype == x.dtype and residual.device == x.device)
 
 
-def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, str, Optional[str], Optional[str]]]:
+def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, FusedUnit]]:
     """Replace each unit of ``plan`` in ``graph`` (in place) by one :func:`fused_unit` call.
 
-    Returns (key, conv, bn, pre_bn) per unit: its calls' key, and its submodules' names.
-    """
+    Returns (key, unit) per unit: its calls' key (the conv node's name: a conv called twice is
+    two units), and the unit as the fusion plan records it."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     anchor = placeholders[-1] if placeholders else None
     with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
@@ -238,8 +239,7 @@ def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, str, Optional[str], 
             graph.erase_node(n)
         if u.pre is not None:
             dead += [n for n in reversed(u.pre.nodes) if n not in dead]
-        units.append((key, u.conv.target, u.bn.node.target if u.bn else None,
-                      u.pre.norm.node.target if u.pre else None))
+        units.append((key, u.describe()))
         calls.append(call)
     for n in dead:  # prologue BN/ReLU nodes, read by nothing once all their convs are fused
         graph.erase_node(n)
@@ -259,16 +259,17 @@ class FusedGraph:
     change (the fold caches check that) or the module is copied.
     """
 
-    def __init__(self, graph: fx.Graph, specialized: tuple, units, rows, owner: str,
-                 watched: tuple = ()):
-        self.units = units  # (key, conv, bn, pre_bn) submodule names
+    def __init__(self, graph: fx.Graph, specialized: tuple, units: list[tuple[str, FusedUnit]],
+                 reasons: dict[str, str], owner: str, watched: tuple = ()):
+        self.units = [u for _, u in units]  # what the graph fuses
+        #: conv name -> why it is not fused (or runs bare), for every conv the graph calls
+        self.reasons = reasons
         #: names of the submodules the original forward would call, or would reach, that the
         #: rewritten one runs without calling (fused, or traced through): hooks registered on
         #: any of them, now or later, send calls to the original forward
         self.watched = watched
         self.specialized = specialized  # see trace()
-        self.caches = {key: FoldCache() for key, *_ in units}
-        self.rows = rows    # fusion_summary rows of every conv the graph calls
+        self.caches = {key: FoldCache() for key, _ in units}
         self.backend: Optional[str] = None
         code = graph.python_code("self")
         self.code = code.src
@@ -330,7 +331,7 @@ def _watched(module: nn.Module, graph: fx.Graph, units) -> tuple:
     """The submodules of ``module`` that the rewritten ``graph`` does not call, nor reach
     through a module it calls (see FusedGraph.watched), and every unit's modules."""
     called = {n.target for n in graph.nodes if n.op == "call_module"}
-    names = [name for _, *names in units for name in names if name]
+    names = [name for _, u in units for name in u.modules()]
     for name, _ in module.named_modules():
         if name and not any(name == c or name.startswith(c + ".") for c in called):
             names.append(name)
@@ -356,7 +357,8 @@ def fused_class(base: type) -> type:
             "__doc__": base.__doc__,
             "_resnet_fast_base": base,
             "forward": forward,
-            "fusion_rows": _fusion_rows,
+            "fused_units": _fused_units,
+            "fusion_reasons": _fusion_reasons,
             "__reduce_ex__": _reduce_ex,
         })
         cls.__qualname__ = f"Fused{base.__qualname__}"
@@ -364,9 +366,14 @@ def fused_class(base: type) -> type:
     return cls
 
 
-def _fusion_rows(self):
-    """(conv name, fused kinds, reason) for fusion_summary, for every conv the forward calls."""
-    return [(name, kinds, why) for name, (kinds, why) in getattr(self, STATE_ATTR).rows.items()]
+def _fused_units(self) -> list[FusedUnit]:
+    """The units the rewritten forward runs (see resnet_fast.plan)."""
+    return list(getattr(self, STATE_ATTR).units)
+
+
+def _fusion_reasons(self) -> dict[str, str]:
+    """Conv name -> why the rewritten forward does not fuse it (or runs it bare)."""
+    return dict(getattr(self, STATE_ATTR).reasons)
 
 
 def _reduce_ex(self, protocol):
@@ -390,7 +397,8 @@ def fused_graph_of(m: nn.Module) -> Optional[FusedGraph]:
 def install(module: nn.Module, traced: Traced, plan: Plan, owner: str) -> FusedGraph:
     """Rewrite the traced graph per ``plan`` and make it ``module``'s forward, in place."""
     units = rewrite(traced.graph, plan)
-    fg = FusedGraph(traced.graph, traced.specialized, units, plan.rows, owner,
+    reasons = {conv: why for conv, (_, why) in plan.rows.items() if why}
+    fg = FusedGraph(traced.graph, traced.specialized, units, reasons, owner,
                     _watched(module, traced.graph, units))
     module.__dict__[STATE_ATTR] = fg
     module.__class__ = fused_class(type(module))

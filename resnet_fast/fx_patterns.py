@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import conv_refusal, fused_kinds, has_hooks, norm_kind, special_leaf
+from .modules import conv_refusal, has_hooks, norm_kind, special_leaf
+from .plan import FusedUnit, unit_of
 
 Node = fx.Node
 
@@ -200,9 +201,11 @@ class Unit:
         """Whether the unit replaces its nodes: it fuses something, or it is a stem."""
         return self.fuses_anything or self.module.in_channels < BARE_UNIT_MAX_CIN
 
-    def kinds(self) -> tuple:
-        return fused_kinds(self.module, self.bn.module if self.bn else None, self.relu,
-                           self.add is not None, self.pre.norm.module if self.pre else None)
+    def describe(self) -> FusedUnit:
+        """The unit as the fusion plan records it (names of the traced module's submodules)."""
+        return unit_of(self.conv.target, self.module, self.bn.node.target if self.bn else None,
+                       relu=self.relu, residual=self.add is not None,
+                       pre_bn=self.pre.norm.node.target if self.pre else None)
 
 
 @dataclass
@@ -334,7 +337,7 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> Plan:
     fused = [u for u in units.values() if u.runs_fused]
     for u in fused:
         if u.fuses_anything:
-            rows.setdefault(u.conv.target, (u.kinds(), None))
+            rows.setdefault(u.conv.target, (u.describe().kinds, None))
     for c in convs:
         if c.target not in rows:
             rows[c.target] = ((), reasons.get(c) or issues.get(c.target) or _why_nothing(c, modules))

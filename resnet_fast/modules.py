@@ -19,6 +19,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import backends, ops
 from .fold import FoldCache
+from .plan import FusedUnit, unit_of
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -170,18 +171,6 @@ def _same_signature(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1:] == b[1:]
 
 
-#: what a fused unit can absorb around its conv, in the order fusion_summary lists them
-FUSED_KINDS = ("bias", "bn", "relu", "residual", "pre_bn_relu")
-
-
-def fused_kinds(conv: nn.Conv2d, bn: Optional[_BN], relu: bool, residual: bool = False,
-                pre_bn: Optional[_BN] = None) -> tuple:
-    """The FUSED_KINDS one fused_conv call covers (a row of fusion_summary)."""
-    present = {"bias": conv.bias is not None, "bn": bn is not None, "relu": relu,
-               "residual": residual, "pre_bn_relu": pre_bn is not None}
-    return tuple(k for k in FUSED_KINDS if present[k])
-
-
 # --------------------------------------------------------------------------------------
 # What the fused unit accepts (one set of rules for every converter)
 # --------------------------------------------------------------------------------------
@@ -274,9 +263,10 @@ class ConvBNAct(nn.Module):
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend or 'default'}"
 
-    def fusion_rows(self):
-        """(conv name, fused kinds, reason) for fusion_summary."""
-        return [("conv", fused_kinds(self.conv, self.bn, self.relu, pre_bn=self.pre_bn), None)]
+    def fused_units(self) -> list[FusedUnit]:
+        """The unit this module runs (see resnet_fast.plan)."""
+        return [unit_of("conv", self.conv, "bn" if self.bn is not None else None, relu=self.relu,
+                        pre_bn="pre_bn" if self.pre_bn is not None else None)]
 
 
 def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -357,16 +347,16 @@ class _FusedBlock(nn.Module):
                          relu=True, residual=identity, backend=self.backend)
         return _like_input(out, entry)
 
-    def fusion_rows(self):
-        """(conv name, fused kinds, reason) for fusion_summary, one per conv this block fuses."""
-        rows = []
-        for i, (c, b) in enumerate(self._units):
-            last = i == len(self._units) - 1
-            rows.append((c, fused_kinds(getattr(self, c), getattr(self, b), True, residual=last), None))
-        ds = fusable_downsample(self.downsample)
+    def fused_units(self) -> list[FusedUnit]:
+        """The units this block runs (see resnet_fast.plan): its main-path convs, the last with
+        the residual, and a fusable downsample."""
+        mods = self._modules
+        out = [unit_of(c, mods[c], b, relu=True, residual=i == len(self._units) - 1)
+               for i, (c, b) in enumerate(self._units)]
+        ds = fusable_downsample(mods.get("downsample"))
         if ds is not None:
-            rows.append(("downsample.0", fused_kinds(ds[0], ds[1], False), None))
-        return rows
+            out.append(unit_of("downsample.0", ds[0], "downsample.1"))
+        return out
 
     @classmethod
     def from_torchvision(cls, block: nn.Module, backend: Optional[str] = None):

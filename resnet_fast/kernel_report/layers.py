@@ -2,9 +2,10 @@
 
 The model is built with random weights on the meta device (no memory, no compute), converted
 with :func:`resnet_fast.convert`, and run once in train() mode (the reference path calls every
-nn.Conv2d) with forward pre-hooks recording each conv's input shape. Which epilogue a conv gets
-(BN, ReLU, residual, pre-activation) comes from :func:`resnet_fast.fusion_summary`; convs that
-do not run on the fused op (its ``runs_fused``) are returned separately with its reason.
+nn.Conv2d) with forward pre-hooks recording each conv's input shape. Which convs run fused and
+with which epilogue (BN, ReLU, residual, pre-activation) comes from the converted model's fusion
+plan (:func:`resnet_fast.plan.units`); the other convs are returned separately with the reason
+:func:`resnet_fast.fusion_summary` gives.
 """
 
 from __future__ import annotations
@@ -16,14 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-#: the epilogue string of a layer: the fused kinds after the GEMM, joined by "+", or "none"
-_EPILOGUE_PARTS = (("pre_bn_relu", "pre"), ("residual", "residual"), ("relu", "relu"))
-
-
-def epilogue_name(fused) -> str:
-    parts = [short for kind, short in _EPILOGUE_PARTS if kind in fused]
-    return "+".join(parts) or "none"
-
+from ..ops import pair
 
 def build_model(name: str) -> nn.Module:
     """``resnet50`` (any torchvision classification model), ``timm:NAME``, or
@@ -46,13 +40,6 @@ def layer_label(layer: dict) -> str:
             f"{layer['h']}x{layer['w']} {layer['epilogue']}")
 
 
-def _pair(v) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = list(v)
-    return [v[0], v[0]] if len(v) == 1 else [int(v[0]), int(v[1])]
-
-
 def normalize_layer(layer: dict, batch: Optional[int] = None) -> dict:
     """A layer dict with every key the report uses, from this module's layers or from
     benchmarks/ rows (``in_hw``/``out_hw``, ``kernel`` as an int or pair)."""
@@ -61,15 +48,15 @@ def normalize_layer(layer: dict, batch: Optional[int] = None) -> dict:
         d["batch"] = int(batch)
     if "batch" not in d:
         raise ValueError("the layer dict has no batch; pass batch=")
-    d["kernel"] = _pair(d["kernel"])
+    d["kernel"] = pair(d["kernel"], "kernel")
     for k, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
-        d[k] = _pair(d.get(k, default))
+        d[k] = pair(d.get(k, default), k)
     d.setdefault("groups", 1)
     if "h" not in d:
-        d["h"], d["w"] = _pair(d["in_hw"])
+        d["h"], d["w"] = pair(d["in_hw"], "in_hw")
     if "ho" not in d:
         if "out_hw" in d:
-            d["ho"], d["wo"] = _pair(d["out_hw"])
+            d["ho"], d["wo"] = pair(d["out_hw"], "out_hw")
         else:
             from ..ops import conv_output_hw
             d["ho"], d["wo"] = conv_output_hw(d["h"], d["w"], *d["kernel"], d["stride"], d["padding"], d["dilation"])
@@ -86,7 +73,7 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
                     in_channels: int = 3) -> tuple[list[dict], list[dict]]:
     """(layers, unfused): one dict per distinct conv (shape + epilogue), in forward order, with
     the names of every conv of that kind; and {"name", "reason"} for convs left unfused."""
-    from .. import convert, fusion_summary
+    from .. import convert, fusion_summary, plan
 
     if isinstance(model, str):
         model = build_model(model)
@@ -94,7 +81,7 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = convert(model)
-    summary = {r["name"]: r for r in fusion_summary(model)}
+    units = {u.conv: u for u in plan.units(model)}
     shapes: dict[str, tuple] = {}
 
     def record(name):
@@ -114,12 +101,13 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
 
     layers: dict[tuple, dict] = {}
     unfused = []
+    reasons = {r["name"]: r["reason"] for r in fusion_summary(model)}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Conv2d):
             continue
-        row = summary.get(name, {"fused": (), "reason": "not in the fusion summary"})
-        if not row.get("runs_fused", not row["reason"]):
-            unfused.append({"name": name, "reason": row["reason"]})
+        unit = units.get(name)
+        if unit is None:
+            unfused.append({"name": name, "reason": reasons[name]})
             continue
         if name not in shapes:
             unfused.append({"name": name, "reason": "not reached by the forward pass"})
@@ -129,7 +117,7 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
             "cin": c, "cout": mod.out_channels, "kernel": list(mod.kernel_size),
             "stride": list(mod.stride), "padding": list(mod.padding), "dilation": list(mod.dilation),
             "groups": mod.groups, "h": h, "w": w, "batch": n,
-            "epilogue": epilogue_name(row["fused"])})
+            "epilogue": unit.kernel_epilogue})
         k = _key(layer)
         if k in layers:
             layers[k]["names"].append(name)
