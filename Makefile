@@ -21,7 +21,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 endif
 
-.PHONY: test bench gpu-test build-cuda kernel-report clean
+.PHONY: test bench gpu-test bench-kernels build-cuda kernel-report clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: $(STAMP)
 # Everything that needs CUDA (skips cleanly elsewhere); the lent GPU machine runs this.
 gpu-test: $(STAMP)
 	$(PY) -m pytest -q tests/gpu $(PYTEST_ARGS)
+
+# pytest-benchmark timings of a few layers and blocks per backend (needs CUDA; see its doc)
+bench-kernels: $(STAMP)
+	$(PY) -m pytest -q benchmarks/test_bench_kernels.py --benchmark-only $(PYTEST_ARGS)
 
 build-cuda: $(STAMP)
 	$(PY) -m resnet_fast.build

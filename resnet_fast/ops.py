@@ -53,10 +53,11 @@ def conv_output_hw(h: int, w: int, kh: int, kw: int, stride, padding, dilation) 
     return ho, wo
 
 
-def _pair(v: int | Sequence[int], name: str) -> list[int]:
+def pair(v: int | Sequence[int], name: str = "value") -> list[int]:
+    """[a, b] from an int or a sequence of one or two ints (conv arguments, shapes)."""
     if isinstance(v, int):
         return [v, v]
-    v = list(v)
+    v = [int(e) for e in v]
     if len(v) == 1:
         return [v[0], v[0]]
     if len(v) != 2:
@@ -329,7 +330,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     from .backends import resolve
 
     _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias)
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     be = resolve(backend, x, weight=weight, groups=groups, pre=pre_scale is not None)
     out_shape = check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups,
                                        residual, pre_scale, pre_bias, require_nhwc=be.requires_nhwc)

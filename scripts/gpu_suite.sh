@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 LOGS=$(mktemp -d)
 end=$(( $(date +%s) + ${SUITE_S:-480} ))
-left() { echo $(( end - $(date +%s) )); }
+# seconds left, at least 1: `timeout 0` would mean no limit at all
+left() { local s=$(( end - $(date +%s) )); echo $(( s > 1 ? s : 1 )); }
 
 group() {  # name, pytest args...
   local name=$1; shift
@@ -53,7 +54,7 @@ wait
 } >"$OUT/sanitizer.log" 2>&1
 grep '^\[sanitizer' "$OUT/sanitizer.log" >>"$LOGS/summary"
 
-for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs cuda models_cuda; do
+for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact cuda models_cuda; do
   echo "=================== $f"; cat "$LOGS/$f.log" 2>/dev/null
 done >"$OUT/gpu_tests.log"
 echo "=== summary"; cat "$LOGS/summary"

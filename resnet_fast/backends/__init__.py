@@ -47,8 +47,10 @@ _REGISTRY: dict[str, str] = {
     "triton": "resnet_fast.backends.triton_backend:TritonBackend",
     "cuda": "resnet_fast.backends.cuda_backend:CudaBackend",
 }
-#: preference of "auto", fastest first: on an H100 (2026-11-25, benchmarks/NOTES.md) the Triton
-#: kernels beat the CUTLASS ones on 10 of the first 11 ResNet-50 layers measured side by side
+#: preference of "auto": on an H100 (2026-11-25, README's per-layer table) the Triton kernels
+#: win every 1x1, the stem and stage 1's 3x3 and sum to 8.67 ms over ResNet-50's convs against
+#: the CUTLASS kernels' 12.81 ms (which win or tie stage 2-4's 3x3 by 0-12 %); torch is the
+#: reference math, last
 AUTO_ORDER = ("triton", "cuda", "torch")
 ENV_VAR = "RESNET_FAST_BACKEND"
 NAMES = tuple(_REGISTRY) + ("auto",)

@@ -324,30 +324,26 @@ def _copy_cubins(result: dict, dest: Path) -> dict:
 
 
 def _backend_supports(name: str, layer: dict, dtype: torch.dtype) -> tuple[bool, str]:
-    """The backend's own shape check (``supports``) on meta tensors of the layer's shapes."""
+    """The backend's own check (``supports``, the prologue included) on meta tensors of the
+    layer's shapes: what resolve() asks before it hands a call to the next backend."""
     x = torch.empty((layer["batch"], layer["cin"], layer["h"], layer["w"]), device="meta", dtype=dtype)
     w = torch.empty((layer["cout"], layer["cin"] // layer["groups"], *layer["kernel"]), device="meta", dtype=dtype)
     try:
         from .. import backends
-        ok, why = backends.get(name).supports(x, w, layer["groups"])
+        ok, why = backends.get(name).supports(x, w, layer["groups"], pre=layer["epilogue"].startswith("pre"))
     except Exception as e:  # a backend that cannot even import: only the kernels' own limit
         ok = layer["groups"] == 1
         why = "" if ok else f"groups={layer['groups']} ({name} backend unavailable: {type(e).__name__}: {e})"
-    return ok, ("" if ok else f"falls back to torch: {why}")
+    return ok, ("" if ok else f"goes to the next backend that takes it: {why}")
 
 
 def _cuda_supports(layer: dict, dtype: torch.dtype) -> tuple[bool, str]:
-    """The backend's own shape check on meta tensors, plus what it sends to the reference."""
+    """The cuda backend's dtypes, then its own check on meta tensors."""
     from ..backends import cuda_backend as cb
 
     if dtype not in cb.SUPPORTED_DTYPES:
         return False, f"the cuda backend is compiled for {[str(d) for d in cb.SUPPORTED_DTYPES]} only"
-    ok, why = _backend_supports("cuda", layer, dtype)
-    if not ok:
-        return False, why
-    if "pre" in layer["epilogue"]:
-        return False, "falls back to the reference: the CUTLASS kernels have no pre-activation prologue"
-    return True, ""
+    return _backend_supports("cuda", layer, dtype)
 
 
 def _cuda_rows(layers, opts: ReportOptions, specs: dict, built: dict, notes: dict) -> list[dict]:
