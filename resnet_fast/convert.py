@@ -27,7 +27,7 @@ from torch import nn
 from . import backends, fx_fusion
 from .fold import FoldCache
 from . import plan
-from .modules import (BasicBlock, Bottleneck, ConvBNAct, _FusedBlock, conv_refusal, fusable_downsample,
+from .modules import (BasicBlock, Bottleneck, ConvBNAct, FusedBlock, conv_refusal, fusable_downsample,
                       fused_conv, has_hooks, norm_kind, to_nhwc)
 from .plan import FUSED_KINDS, FusedUnit, unit_of
 
@@ -74,13 +74,13 @@ if _tv is not None:
             """The stem unit this module runs (its blocks run their own)."""
             return [unit_of("conv1", self.conv1, "bn1", relu=True)]
 
-    class FusedBasicBlock(_FusedBlock, _tv.BasicBlock):
+    class FusedBasicBlock(FusedBlock, _tv.BasicBlock):
         """torchvision's BasicBlock, fused in eval(); ``convert`` gives a block this class in place."""
 
         _units = BasicBlock._units
         _reference_forward = _tv.BasicBlock.forward
 
-    class FusedBottleneck(_FusedBlock, _tv.Bottleneck):
+    class FusedBottleneck(FusedBlock, _tv.Bottleneck):
         """torchvision's Bottleneck, fused in eval(); ``convert`` gives a block this class in place."""
 
         _units = Bottleneck._units
@@ -92,7 +92,7 @@ else:  # pragma: no cover
     _TV_BLOCKS = {}
 
 #: modules that run fused units themselves, with a `backend` attribute
-_FAST_PATH = tuple(t for t in (_FusedBlock, ConvBNAct, FusedResNet) if t is not None)
+_FAST_PATH = tuple(t for t in (FusedBlock, ConvBNAct, FusedResNet) if t is not None)
 
 
 def _convert_torchvision(model: nn.Module, backend: Optional[str], problems: dict) -> set:
@@ -155,7 +155,7 @@ def convert(model: nn.Module, backend: Optional[str] = "auto") -> nn.Module:
     refused = _convert_torchvision(model, backend, problems)
 
     def leave(m: nn.Module) -> Optional[str]:
-        if m in refused or isinstance(m, (_FusedBlock, ConvBNAct)):
+        if m in refused or isinstance(m, (FusedBlock, ConvBNAct)):
             return "subtree"
         if FusedResNet is not None and isinstance(m, FusedResNet):
             return "self"

@@ -39,7 +39,7 @@ from . import ops
 from .fold import FoldCache
 from .fx_patterns import Plan, find_units
 from .plan import FusedUnit
-from .modules import _like_input, fused_conv, has_hooks, reference_reason, special_leaf
+from .modules import like_input, fused_conv, has_hooks, reference_reason, special_leaf
 
 #: the attribute of a converted module that holds its FusedGraph (not a submodule: no state_dict)
 STATE_ATTR = "_resnet_fast_fx"
@@ -190,7 +190,7 @@ def _drop_identities(graph: fx.Graph, modules) -> None:
 # --------------------------------------------------------------------------------------
 # The rewritten graph and what it calls
 # --------------------------------------------------------------------------------------
-def fused_unit(state: "FusedGraph", key: str, x, residual, conv, bn, pre_bn, relu: bool, like):
+def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, relu: bool, like):
     """One unit of a rewritten graph: act(bn(conv(pre(x))) [+ residual]) via fused_conv.
 
     ``like``: the graph's input when the result leaves the fused ops (goes to any other
@@ -204,7 +204,7 @@ def fused_unit(state: "FusedGraph", key: str, x, residual, conv, bn, pre_bn, rel
     else:
         y = fused_conv(x, conv, bn, cache, relu=relu, residual=residual, pre_bn=pre_bn,
                        backend=state.backend)
-    return _like_input(y, like) if isinstance(like, torch.Tensor) else y
+    return like_input(y, like) if isinstance(like, torch.Tensor) else y
 
 
 def _fits(x: torch.Tensor, residual, conv: nn.Conv2d) -> bool:
@@ -231,9 +231,10 @@ def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, FusedUnit]]:
     for u in plan.units:
         key = u.conv.name
         with graph.inserting_before(u.out):
-            mods = [graph.get_attr(n.target) if n is not None else None
-                    for n in (u.conv, u.bn.node if u.bn else None, u.pre.norm.node if u.pre else None)]
-            call = graph.call_function(fused_unit, (state, key, u.x, u.residual, *mods, u.relu, None))
+            conv, bn, pre_bn = (graph.get_attr(n.target) if n is not None else None
+                                for n in (u.conv, u.bn.node if u.bn else None, u.pre.norm.node if u.pre else None))
+            call = graph.call_function(fused_unit, (state, key), dict(
+                x=u.x, residual=u.residual, conv=conv, bn=bn, pre_bn=pre_bn, relu=u.relu, like=None))
         u.out.replace_all_uses_with(call)
         for n in reversed(u.nodes):
             graph.erase_node(n)
@@ -245,8 +246,9 @@ def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, FusedUnit]]:
         graph.erase_node(n)
     # results read by anything but another fused op get the input's memory format back
     for call in calls:
-        if any(user.target is not fused_unit or call not in user.args[2:4] for user in call.users):
-            call.update_arg(8, first_input)
+        if any(user.target is not fused_unit or call not in (user.kwargs["x"], user.kwargs["residual"])
+               for user in call.users):
+            call.update_kwarg("like", first_input)
     graph.lint()
     return units
 

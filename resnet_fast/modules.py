@@ -258,7 +258,7 @@ class ConvBNAct(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         y = fused_conv(x, self.conv, self.bn, self._fold, relu=self.relu, residual=residual,
                        pre_bn=self.pre_bn, backend=self.backend)
-        return _like_input(y, x)
+        return like_input(y, x)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, backend={self.backend or 'default'}"
@@ -269,7 +269,7 @@ class ConvBNAct(nn.Module):
                         pre_bn="pre_bn" if self.pre_bn is not None else None)]
 
 
-def _like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """y in x's memory format (the fused path computes NHWC; an NCHW caller gets NCHW back)."""
     if y.dim() == 4 and x.dim() == 4 and not ops.is_nhwc(x) and ops.is_nhwc(y) and y.shape[1] > 1:
         return y.contiguous()
@@ -296,7 +296,7 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
-class _FusedBlock(nn.Module):
+class FusedBlock(nn.Module):
     """What BasicBlock and Bottleneck share: fold caches, backend choice, layout at entry."""
 
     #: the (conv, bn) attribute pairs of the main path, in order; the last takes the residual
@@ -345,7 +345,7 @@ class _FusedBlock(nn.Module):
         cname, bname = self._units[-1]
         out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
                          relu=True, residual=identity, backend=self.backend)
-        return _like_input(out, entry)
+        return like_input(out, entry)
 
     def fused_units(self) -> list[FusedUnit]:
         """The units this block runs (see resnet_fast.plan): its main-path convs, the last with
@@ -378,7 +378,7 @@ class _FusedBlock(nn.Module):
         return new
 
 
-class BasicBlock(_FusedBlock):
+class BasicBlock(FusedBlock):
     """torchvision's BasicBlock (same arguments, names and results), fused in eval()."""
 
     expansion: int = 1
@@ -413,7 +413,7 @@ class BasicBlock(_FusedBlock):
         return self.relu(out)
 
 
-class Bottleneck(_FusedBlock):
+class Bottleneck(FusedBlock):
     """torchvision's Bottleneck (ResNet V1.5: stride on the 3×3), fused in eval()."""
 
     expansion: int = 4
