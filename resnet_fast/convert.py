@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from . import backends, fx_fusion
-from .fold import FoldCache
 from . import plan
-from .modules import (BasicBlock, Bottleneck, ConvBNAct, FusedBlock, conv_refusal, fusable_downsample,
-                      fused_conv, has_hooks, norm_kind, to_nhwc)
+from .modules import (BasicBlock, Bottleneck, ConvBNAct, FusedBlock, UnitState, conv_refusal,
+                      fusable_downsample, fused_conv, has_hooks, norm_kind, to_nhwc)
 from .plan import FUSED_KINDS, FusedUnit, unit_of
 
 try:  # torchvision is the reference, not a runtime dependency
@@ -60,7 +59,7 @@ if _tv is not None:
             if has_hooks(self.relu):  # the fused stem would skip the ReLU module's hooks
                 x = self.relu(self.bn1(self.conv1(x)))
             else:  # fused_conv runs conv1 and bn1 themselves when they have hooks
-                x = fused_conv(x, self.conv1, self.bn1, self._stem_fold, relu=True, backend=self.backend)
+                x = fused_conv(x, self.conv1, self.bn1, self._stem_unit, relu=True, backend=self.backend)
             x = self.maxpool(x)
             x = self.layer1(x)
             x = self.layer2(x)
@@ -114,7 +113,7 @@ def _convert_torchvision(model: nn.Module, backend: Optional[str], problems: dic
     # a stem the fast path cannot fuse is left to the graph-level converter, which says why
     if _tv is not None and type(model) is _tv.ResNet and _why_not_pair(model, "conv1", "bn1") is None:
         model.__class__ = FusedResNet
-        model._stem_fold = FoldCache()
+        model._stem_unit = UnitState()
     return refused
 
 

@@ -175,9 +175,6 @@ class FoldCache:
         # references, since torch.utils.swap_tensors refuses tensors with weak references
         self._refs: tuple = ()
         self._pins: tuple = ()
-        #: (call signature, output shape) of the last call through this conv that passed the
-        #: argument checks, kept by modules.fused_conv so a repeated call skips them
-        self.checked = None
 
     def get(self, conv: nn.Conv2d, bn, pre_bn, dtype: torch.dtype, backend):
         if torch.compiler.is_compiling():
@@ -200,7 +197,6 @@ class FoldCache:
             # (``param.data = ...`` swaps storage without bumping the version counter, so a
             # reused address with an unchanged version would look like the folded data).
             self._pins = tuple(t.untyped_storage() for t in live)
-            self.checked = None
         elif _verify:
             _check_fold(self._value, _fold(conv, bn, pre_bn, dtype, backend), conv)
         return self._value
@@ -214,7 +210,7 @@ class FoldCache:
         self.__init__()
 
     def clear(self):
-        self._key = self._value = self.checked = None
+        self._key = self._value = None
         self._refs = self._pins = ()
 
 

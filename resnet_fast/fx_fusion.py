@@ -36,10 +36,9 @@ import torch
 from torch import fx, nn
 
 from . import ops
-from .fold import FoldCache
 from .fx_patterns import Plan, find_units
 from .plan import FusedUnit
-from .modules import like_input, fused_conv, has_hooks, reference_reason, special_leaf
+from .modules import UnitState, fused_conv, has_hooks, like_input, reference_reason, special_leaf
 
 #: the attribute of a converted module that holds its FusedGraph (not a submodule: no state_dict)
 STATE_ATTR = "_resnet_fast_fx"
@@ -196,13 +195,13 @@ def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, 
     ``like``: the graph's input when the result leaves the fused ops (goes to any other
     op): it gets that input's memory format back, as the original conv's output would have.
     """
-    cache = state.caches[key]
+    unit = state.unit_states[key]
     if residual is not None and not _fits(x, residual, conv):
         # a residual that broadcasts or has another dtype: the add stays outside the op
-        y = fused_conv(x, conv, bn, cache, relu=False, pre_bn=pre_bn, backend=state.backend) + residual
+        y = fused_conv(x, conv, bn, unit, relu=False, pre_bn=pre_bn, backend=state.backend) + residual
         y = torch.relu(y) if relu else y
     else:
-        y = fused_conv(x, conv, bn, cache, relu=relu, residual=residual, pre_bn=pre_bn,
+        y = fused_conv(x, conv, bn, unit, relu=relu, residual=residual, pre_bn=pre_bn,
                        backend=state.backend)
     return like_input(y, like) if isinstance(like, torch.Tensor) else y
 
@@ -271,7 +270,7 @@ class FusedGraph:
         #: any of them, now or later, send calls to the original forward
         self.watched = watched
         self.specialized = specialized  # see trace()
-        self.caches = {key: FoldCache() for key, _ in units}
+        self.unit_states = {key: UnitState() for key, _ in units}
         self.backend: Optional[str] = None
         code = graph.python_code("self")
         self.code = code.src

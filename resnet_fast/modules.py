@@ -4,7 +4,8 @@ The blocks have torchvision's constructor arguments and its submodule, parameter
 names, so a ``state_dict`` moves both ways unchanged. In train() (or whenever autograd must
 see the math) they run torchvision's exact code: batch statistics, running-stat updates,
 gradients. In eval() each conv runs as one fused op (conv + folded BN [+ residual] [+ ReLU])
-on the module's backend, with the folded weights from a never-stale :class:`FoldCache`.
+on the module's backend, with the folded weights from a never-stale :class:`FoldCache` (each
+unit's :class:`UnitState` holds one).
 """
 
 from __future__ import annotations
@@ -113,7 +114,25 @@ def to_nhwc(t: torch.Tensor) -> torch.Tensor:
     return t if ops.is_nhwc(t) else t.contiguous(memory_format=torch.channels_last)
 
 
-def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldCache, *,
+class UnitState:
+    """What one fused unit keeps between calls: its folded tensors (a never-stale FoldCache)
+    and the (call signature, output shape) of its last call that passed the argument checks."""
+
+    __slots__ = ("fold", "checked")
+
+    def __init__(self):
+        self.fold = FoldCache()
+        self.checked = None
+
+    # derived state: a copy or a pickle starts empty
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], state: UnitState, *,
                relu: bool, residual: Optional[torch.Tensor] = None, pre_bn: Optional[_BN] = None,
                backend=None) -> torch.Tensor:
     """act(bn(conv(pre(x))) [+ residual]) with pre(x) = relu(pre_bn(x)) when pre_bn is given.
@@ -143,7 +162,7 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv")
     be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups, pre=pre_bn is not None)
-    w, b, pre_scale, pre_bias = cache.get(conv, bn, pre_bn, x.dtype, be)
+    w, b, pre_scale, pre_bias = state.fold.get(conv, bn, pre_bn, x.dtype, be)
     if be.requires_nhwc:
         x = to_nhwc(x)
         residual = to_nhwc(residual) if residual is not None else None
@@ -153,7 +172,7 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
     # conv called again like last time skips them: they cost as much as a small conv's launch.
     sig = (w, x.shape, x.dtype, x.device, be, conv.stride, conv.padding, conv.dilation, conv.groups,
            None if residual is None else (residual.shape, residual.dtype, residual.device))
-    checked = cache.checked
+    checked = state.checked
     if checked is not None and _same_signature(checked[0], sig):
         out_shape = checked[1]
     else:
@@ -161,7 +180,7 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], cache: FoldC
                                                residual, pre_scale, pre_bias,
                                                require_nhwc=be.requires_nhwc)
         if not torch.compiler.is_compiling():
-            cache.checked = (sig, out_shape)
+            state.checked = (sig, out_shape)
     return ops.run_checked_conv_bn_act(be, out_shape, x, w, b, stride, padding, dilation, conv.groups,
                                        residual, relu, pre_scale, pre_bias)
 
@@ -253,10 +272,10 @@ class ConvBNAct(nn.Module):
         self.pre_bn = pre_bn
         self.relu = relu
         self.backend = backends.validate_name(backend)
-        self._fold = FoldCache()
+        self._unit = UnitState()
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        y = fused_conv(x, self.conv, self.bn, self._fold, relu=self.relu, residual=residual,
+        y = fused_conv(x, self.conv, self.bn, self._unit, relu=self.relu, residual=residual,
                        pre_bn=self.pre_bn, backend=self.backend)
         return like_input(y, x)
 
@@ -297,14 +316,14 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class FusedBlock(nn.Module):
-    """What BasicBlock and Bottleneck share: fold caches, backend choice, layout at entry."""
+    """What BasicBlock and Bottleneck share: unit states, backend choice, layout at entry."""
 
     #: the (conv, bn) attribute pairs of the main path, in order; the last takes the residual
     _units: tuple[tuple[str, str], ...] = ()
 
     def _init_fused(self):
         self.backend: Optional[str] = None
-        self._folds = {name: FoldCache() for name, _ in self._units + (("downsample", None),)}
+        self._unit_states = {name: UnitState() for name, _ in self._units + (("downsample", None),)}
 
     def _reference_forward(self, x):
         raise NotImplementedError
@@ -332,18 +351,18 @@ class FusedBlock(nn.Module):
             x = to_nhwc(x)  # once per block here; a converted model converts once at its entry
         out = x
         for cname, bname in self._units[:-1]:
-            out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
+            out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._unit_states[cname],
                              relu=True, backend=self.backend)
         ds = fusable_downsample(self.downsample)
         if ds is not None:
-            identity = fused_conv(x, ds[0], ds[1], self._folds["downsample"], relu=False,
+            identity = fused_conv(x, ds[0], ds[1], self._unit_states["downsample"], relu=False,
                                   backend=self.backend)
         elif self.downsample is not None:
             identity = self.downsample(x)
         else:
             identity = x
         cname, bname = self._units[-1]
-        out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._folds[cname],
+        out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._unit_states[cname],
                          relu=True, residual=identity, backend=self.backend)
         return like_input(out, entry)
 
