@@ -88,7 +88,38 @@ def known_names() -> dict[str, list[str]]:
                     "compile_max_autotune"] + [n for b in rf for n in (b, b + "_graph")]}
 
 
-def make_config(a, t0: float | None = None) -> tuple[Config, dict]:
+def interpret_triton_on_cpu(a) -> str | None:
+    """Set TRITON_INTERPRET=1 for a CPU run that asks for the triton backend (Triton reads it
+    when it is first imported, and torchvision imports it), before anything imports triton.
+    Returns why it could not be set, or None."""
+    gpu = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    if not (a.backends and "triton" in a.backends) or gpu or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if "triton" in sys.modules:
+        return "triton was imported before TRITON_INTERPRET=1 could be set; run with TRITON_INTERPRET=1 in the environment"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return None
+
+
+def prepare_backends(asked: list, device: torch.device, dtype: torch.dtype, interp_late: str | None = None) -> dict:
+    """name -> {available, reason, requested} for every backend; the requested ones that are
+    available are prepared here (the CUDA extension builds or loads: slow once per machine), so
+    no timed figure pays for it."""
+    from resnet_fast import backends as rb
+
+    status = {}
+    with progress.step("backend availability and preparation"):
+        for name in ALL_BACKENDS:
+            ok, why = rb.available(name, device, dtype) if name in asked else (False, "not requested")
+            if name == "triton" and interp_late and ok:
+                ok, why = False, interp_late
+            if ok:
+                ok, why = rb.get(name).prepare(device)
+            status[name] = {"available": bool(ok), "reason": why or "", "requested": name in asked}
+    return status
+
+
+def make_config(a, t0: float | None = None, interp_late: str | None = None) -> tuple[Config, dict]:
     """t0: time.monotonic() when the run began (the --budget-s clock)."""
     known = {n for ns in known_names().values() for n in ns}
     bad = sorted(set(a.variants or []) | set(a.skip) - known)
@@ -102,28 +133,11 @@ def make_config(a, t0: float | None = None) -> tuple[Config, dict]:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
     gpu = device.type == "cuda"
-    interp_late = None
-    if a.backends and "triton" in a.backends and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton reads TRITON_INTERPRET when it is first imported (torchvision imports it)
-        if "triton" in sys.modules:
-            interp_late = ("triton was imported before TRITON_INTERPRET=1 could be set; "
-                           "run with TRITON_INTERPRET=1 in the environment")
-        else:
-            os.environ["TRITON_INTERPRET"] = "1"
-    from resnet_fast import backends as rb
-
     batch = a.batch or (1 if a.latency else (256 if gpu else 8))
     dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if gpu else torch.float32)
     ref = DTYPES[a.ref_dtype] if a.ref_dtype else (torch.float32 if gpu else torch.float64)
     asked = list(a.backends) if a.backends else (list(ALL_BACKENDS) if gpu else ["torch"])
-    status = {}
-    # a backend's availability check may build or load its kernels (the CUDA extension): slow once
-    with progress.step("backend availability"):
-        for name in ALL_BACKENDS:
-            ok, why = rb.available(name, device, dtype) if name in asked else (False, "not requested")
-            if name == "triton" and interp_late and ok:
-                ok, why = False, interp_late
-            status[name] = {"available": bool(ok), "reason": why or "", "requested": name in asked}
+    status = prepare_backends(asked, device, dtype, interp_late)
     backends = [b for b in asked if status[b]["available"]]
     skip = set(a.skip)
     if a.quick:
@@ -254,7 +268,8 @@ def main(argv=None) -> dict:
     t_start, t0 = time.perf_counter(), time.monotonic()
     if a.threads:
         torch.set_num_threads(a.threads)
-    cfg, backend_status = make_config(a, t0)
+    interp_late = interpret_triton_on_cpu(a)
+    cfg, backend_status = make_config(a, t0, interp_late)
     if cfg.on_gpu:
         torch.backends.cudnn.benchmark = not a.no_cudnn_benchmark
 

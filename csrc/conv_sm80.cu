@@ -29,6 +29,7 @@
 #include <cstdio>
 
 #include "common.h"
+#include "conv_family.cuh"
 
 namespace resnet_fast {
 namespace {
@@ -73,98 +74,40 @@ struct Sm80Conv {
 template <typename T> using Cfg0 = Sm80Conv<T, cutlass::gemm::GemmShape<128, 128, 64>, cutlass::gemm::GemmShape<64, 64, 64>, 3>;
 template <typename T> using Cfg1 = Sm80Conv<T, cutlass::gemm::GemmShape<128, 64, 64>, cutlass::gemm::GemmShape<64, 32, 64>, 4>;
 template <typename T> using Cfg2 = Sm80Conv<T, cutlass::gemm::GemmShape<64, 64, 64>, cutlass::gemm::GemmShape<32, 32, 64>, 4>;
-constexpr int kNumConfigs = 3;
-const char* kConfigNames[kNumConfigs] = {"sm80_128x128x64_s3", "sm80_128x64x64_s4", "sm80_64x64x64_s4"};
 
-template <typename Op>
-typename Op::Arguments make_args(const ConvCall& c) {
-  using T = typename Op::ElementA;
-  cutlass::conv::Conv2dProblemSize problem(
-      c.n, c.h, c.wd, c.c, c.k, c.r, c.s, c.p, c.q, c.pad_h, c.pad_w, c.stride_h, c.stride_w,
-      c.dil_h, c.dil_w, cutlass::conv::Mode::kCrossCorrelation, /*split_k_slices=*/1, /*groups=*/1);
-  auto x = cutlass::make_TensorRef(static_cast<T*>(const_cast<void*>(c.x)),
-                                   Layout::packed({c.n, c.h, c.wd, c.c}));
-  auto w = cutlass::make_TensorRef(static_cast<T*>(const_cast<void*>(c.w)),
-                                   Layout::packed({c.k, c.r, c.s, c.c}));
-  auto y = cutlass::make_TensorRef(static_cast<T*>(c.y), Layout::packed({c.n, c.p, c.q, c.k}));
-  // No residual: beta = 0 keeps the epilogue from reading C at all; C still needs a valid
-  // address for the iterator's construction, so it points at y.
-  auto res = c.residual ? cutlass::make_TensorRef(static_cast<T*>(const_cast<void*>(c.residual)),
-                                                  Layout::packed({c.n, c.p, c.q, c.k}))
-                        : y;
-  typename Op::EpilogueOutputOp::Params epi(
-      /*alpha=*/1.f, /*beta=*/c.residual ? 1.f : 0.f,
-      typename Op::EpilogueOutputOp::ElementwiseArguments{/*leaky_alpha=*/c.relu ? 0.f : 1.f});
-  return typename Op::Arguments(problem, x, w, res, y, epi, cutlass::conv::SplitKMode::kSerial,
-                                const_cast<float*>(c.bias), /*ptr_Tensor=*/nullptr,
-                                /*ldr=*/0, /*ldt=*/0);
-}
+// The CUTLASS 2.x family for the shared launch template (conv_family.cuh).
+struct Sm80 {
+  static constexpr const char* kName = "sm80";
+  static constexpr const char* kConfigNames[] = {"sm80_128x128x64_s3", "sm80_128x64x64_s4", "sm80_64x64x64_s4"};
 
-const char* status_str(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
-
-template <typename Cfg>
-struct Runner {
-  using Op = typename Cfg::Op;
-  static LaunchStatus can_implement(const ConvCall& c) {
-    auto s = Op::can_implement(make_args<Op>(c));
-    if (s != cutlass::Status::kSuccess) return LaunchStatus::not_implementable(status_str(s));
-    return LaunchStatus::ok();
-  }
-  static size_t workspace(const ConvCall& c) { return Op::get_workspace_size(make_args<Op>(c)); }
-  static LaunchStatus launch(const ConvCall& c, void* workspace, cudaStream_t stream) {
-    Op op;
-    auto args = make_args<Op>(c);
-    auto s = Op::can_implement(args);
-    if (s != cutlass::Status::kSuccess) return LaunchStatus::not_implementable(status_str(s));
-    // initialize() also raises the kernel's dynamic shared memory limit above 48 KiB
-    // (cudaFuncSetAttribute) the first time; it is cheap after that.
-    s = op.initialize(args, workspace, stream);
-    if (s != cutlass::Status::kSuccess)
-      return LaunchStatus::error(std::string("CUTLASS sm80 conv initialize failed: ") + status_str(s));
-    s = op.run(stream);
-    cudaError_t e = cudaGetLastError();
-    if (s != cutlass::Status::kSuccess || e != cudaSuccess)
-      return LaunchStatus::error(std::string("CUTLASS sm80 conv launch failed: ") + status_str(s) +
-                                 " / " + cudaGetErrorString(e));
-    return LaunchStatus::ok();
+  template <typename Cfg>
+  static typename Cfg::Op::Arguments make_args(const ConvCall& c) {
+    using Op = typename Cfg::Op;
+    using T = typename Op::ElementA;
+    cutlass::conv::Conv2dProblemSize problem(
+        c.n, c.h, c.wd, c.c, c.k, c.r, c.s, c.p, c.q, c.pad_h, c.pad_w, c.stride_h, c.stride_w,
+        c.dil_h, c.dil_w, cutlass::conv::Mode::kCrossCorrelation, /*split_k_slices=*/1, /*groups=*/1);
+    auto x = cutlass::make_TensorRef(static_cast<T*>(const_cast<void*>(c.x)),
+                                     Layout::packed({c.n, c.h, c.wd, c.c}));
+    auto w = cutlass::make_TensorRef(static_cast<T*>(const_cast<void*>(c.w)),
+                                     Layout::packed({c.k, c.r, c.s, c.c}));
+    auto y = cutlass::make_TensorRef(static_cast<T*>(c.y), Layout::packed({c.n, c.p, c.q, c.k}));
+    // No residual: beta = 0 keeps the epilogue from reading C at all; C still needs a valid
+    // address for the iterator's construction, so it points at y.
+    auto res = c.residual ? cutlass::make_TensorRef(static_cast<T*>(const_cast<void*>(c.residual)),
+                                                    Layout::packed({c.n, c.p, c.q, c.k}))
+                          : y;
+    typename Op::EpilogueOutputOp::Params epi(
+        /*alpha=*/1.f, /*beta=*/c.residual ? 1.f : 0.f,
+        typename Op::EpilogueOutputOp::ElementwiseArguments{/*leaky_alpha=*/c.relu ? 0.f : 1.f});
+    return typename Op::Arguments(problem, x, w, res, y, epi, cutlass::conv::SplitKMode::kSerial,
+                                  const_cast<float*>(c.bias), /*ptr_Tensor=*/nullptr,
+                                  /*ldr=*/0, /*ldt=*/0);
   }
 };
 
-// Dispatch (dtype, config) to a Runner. The dtype switch lives here so bindings.cpp stays free of
-// CUTLASS types.
-template <template <typename> class Cfg, typename F>
-auto by_dtype(DType t, F&& f) {
-  if (t == DType::kHalf) return f(Runner<Cfg<cutlass::half_t>>{});
-  return f(Runner<Cfg<cutlass::bfloat16_t>>{});
-}
-template <typename F>
-auto by_config(const ConvCall& c, int config, F&& f) {
-  switch (config) {
-    case 0: return by_dtype<Cfg0>(c.dtype, f);
-    case 1: return by_dtype<Cfg1>(c.dtype, f);
-    default: return by_dtype<Cfg2>(c.dtype, f);
-  }
-}
-
-int num_configs() { return kNumConfigs; }
-const char* config_name(int i) { return (i >= 0 && i < kNumConfigs) ? kConfigNames[i] : "?"; }
-LaunchStatus can_implement(const ConvCall& c, int config) {
-  if (c.dtype == DType::kFloat32) return LaunchStatus::not_implementable("fp32 is not compiled");
-  return by_config(c, config, [&](auto r) { return decltype(r)::can_implement(c); });
-}
-size_t workspace_bytes(const ConvCall& c, int config) {
-  return by_config(c, config, [&](auto r) { return decltype(r)::workspace(c); });
-}
-LaunchStatus launch(const ConvCall& c, int config, void* ws, cudaStream_t stream) {
-  if (c.dtype == DType::kFloat32) return LaunchStatus::not_implementable("fp32 is not compiled");
-  return by_config(c, config, [&](auto r) { return decltype(r)::launch(c, ws, stream); });
-}
-
 }  // namespace
 
-const ConvFamily& conv_family_sm80() {
-  static const ConvFamily f{"sm80", num_configs, config_name, can_implement, workspace_bytes, launch};
-  return f;
-}
+const ConvFamily& conv_family_sm80() { return detail::ConvTable<Sm80, Cfg0, Cfg1, Cfg2>::family(); }
 
 }  // namespace resnet_fast

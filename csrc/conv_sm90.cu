@@ -28,6 +28,7 @@
 #include <cutlass/epilogue/thread/activation.h>
 
 #include "common.h"
+#include "conv_family.cuh"
 
 namespace resnet_fast {
 namespace {
@@ -77,11 +78,18 @@ using Ws = cutlass::conv::KernelImplicitTmaWarpSpecializedSm90;
 using WsEpi = cutlass::epilogue::TmaWarpSpecialized;
 template <typename T> using Cfg0 = Sm90Conv<T, Shape<_128, _128, Shape<_64>>, Ws, WsEpi>;
 template <typename T> using Cfg1 = Sm90Conv<T, Shape<_128, _64, Shape<_64>>, Ws, WsEpi>;
-constexpr int kNumConfigs = 2;
-const char* kConfigNames[kNumConfigs] = {"sm90_128x128x64_ws", "sm90_128x64x64_ws"};
+
+// The CUTLASS 3 family for the shared launch template (conv_family.cuh).
+struct Sm90 {
+  static constexpr const char* kName = "sm90";
+  static constexpr const char* kConfigNames[] = {"sm90_128x128x64_ws", "sm90_128x64x64_ws"};
+
+  template <typename Cfg>
+  static typename Cfg::Op::Arguments make_args(const ConvCall& c);
+};
 
 template <typename Cfg>
-typename Cfg::Op::Arguments make_args(const ConvCall& c) {
+typename Cfg::Op::Arguments Sm90::make_args(const ConvCall& c) {
   using T = typename Cfg::Op::ElementA;
   using Kernel = typename Cfg::Kernel;
   typename Cfg::ProblemShape problem(
@@ -119,66 +127,8 @@ typename Cfg::Op::Arguments make_args(const ConvCall& c) {
   return args;
 }
 
-const char* status_str(cutlass::Status s) { return cutlass::cutlassGetStatusString(s); }
-
-template <typename Cfg>
-struct Runner {
-  using Op = typename Cfg::Op;
-  static LaunchStatus can_implement(const ConvCall& c) {
-    auto s = Op::can_implement(make_args<Cfg>(c));
-    if (s != cutlass::Status::kSuccess) return LaunchStatus::not_implementable(status_str(s));
-    return LaunchStatus::ok();
-  }
-  static size_t workspace(const ConvCall& c) { return Op::get_workspace_size(make_args<Cfg>(c)); }
-  static LaunchStatus launch(const ConvCall& c, void* workspace, cudaStream_t stream) {
-    Op op;
-    auto args = make_args<Cfg>(c);
-    auto s = Op::can_implement(args);
-    if (s != cutlass::Status::kSuccess) return LaunchStatus::not_implementable(status_str(s));
-    // initialize() builds the TMA descriptors (host side, per call: they embed the pointers)
-    // and sets the >48 KiB dynamic smem attribute.
-    s = op.initialize(args, workspace, stream);
-    if (s != cutlass::Status::kSuccess)
-      return LaunchStatus::error(std::string("CUTLASS sm90 conv initialize failed: ") + status_str(s));
-    s = op.run(stream);
-    cudaError_t e = cudaGetLastError();
-    if (s != cutlass::Status::kSuccess || e != cudaSuccess)
-      return LaunchStatus::error(std::string("CUTLASS sm90 conv launch failed: ") + status_str(s) +
-                                 " / " + cudaGetErrorString(e));
-    return LaunchStatus::ok();
-  }
-};
-
-template <template <typename> class Cfg, typename F>
-auto by_dtype(DType t, F&& f) {
-  if (t == DType::kHalf) return f(Runner<Cfg<cutlass::half_t>>{});
-  return f(Runner<Cfg<cutlass::bfloat16_t>>{});
-}
-template <typename F>
-auto by_config(const ConvCall& c, int config, F&& f) {
-  if (config == 0) return by_dtype<Cfg0>(c.dtype, f);
-  return by_dtype<Cfg1>(c.dtype, f);
-}
-
-int num_configs() { return kNumConfigs; }
-const char* config_name(int i) { return (i >= 0 && i < kNumConfigs) ? kConfigNames[i] : "?"; }
-LaunchStatus can_implement(const ConvCall& c, int config) {
-  if (c.dtype == DType::kFloat32) return LaunchStatus::not_implementable("fp32 is not compiled");
-  return by_config(c, config, [&](auto r) { return decltype(r)::can_implement(c); });
-}
-size_t workspace_bytes(const ConvCall& c, int config) {
-  return by_config(c, config, [&](auto r) { return decltype(r)::workspace(c); });
-}
-LaunchStatus launch(const ConvCall& c, int config, void* ws, cudaStream_t stream) {
-  if (c.dtype == DType::kFloat32) return LaunchStatus::not_implementable("fp32 is not compiled");
-  return by_config(c, config, [&](auto r) { return decltype(r)::launch(c, ws, stream); });
-}
-
 }  // namespace
 
-const ConvFamily& conv_family_sm90() {
-  static const ConvFamily f{"sm90", num_configs, config_name, can_implement, workspace_bytes, launch};
-  return f;
-}
+const ConvFamily& conv_family_sm90() { return detail::ConvTable<Sm90, Cfg0, Cfg1>::family(); }
 
 }  // namespace resnet_fast

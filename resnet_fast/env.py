@@ -109,13 +109,7 @@ def backend_table() -> dict:
         for dname, dtype in DTYPES.items():
             row: dict = {}
             for name in backends.AUTO_ORDER:
-                if name == "cuda":  # available() would build the extension on first use
-                    try:
-                        ok, why = backends.get("cuda").status(dev, dtype)
-                    except Exception as e:
-                        ok, why = False, f"{type(e).__name__}: {e}"
-                else:
-                    ok, why = backends.available(name, dev, dtype)
+                ok, why = backends.available(name, dev, dtype)  # builds nothing
                 row[name] = {"available": bool(ok), "reason": why}
             row["auto"] = next((n for n in backends.AUTO_ORDER if row[n]["available"]), None)
             table[device][dname] = row

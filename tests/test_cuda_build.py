@@ -267,15 +267,15 @@ def test_build_logs_start_and_end_and_leaves_environ(monkeypatch, tmp_path, capl
     assert not any("compiling" in r.getMessage() for r in caplog.records)
 
 
-def test_status_never_builds(monkeypatch, tmp_path):
-    """CudaBackend.status (what the env report asks) on a faked sm_90 GPU: the toolchain and the
-    arch list are checked, nothing is built or loaded."""
+def test_available_never_builds(monkeypatch, tmp_path):
+    """CudaBackend.available (what resolve() and the env report ask) on a faked sm_90 GPU: the
+    toolchain and the arch list are checked, nothing is built or loaded."""
     be = cuda_backend.CudaBackend()
-    ok, why = be.status(torch.device("cpu"), torch.float16)
+    ok, why = be.available(torch.device("cpu"), torch.float16)
     assert not ok and "CUDA" in why
 
     def no_build(*a, **k):
-        raise AssertionError("status() must not build")
+        raise AssertionError("available() must not build")
 
     monkeypatch.setattr(cuda_backend, "ensure_loaded", no_build)
     monkeypatch.setattr(cuda_backend, "build", no_build)
@@ -285,10 +285,30 @@ def test_status_never_builds(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
-    ok, why = be.status(torch.device("cuda"), torch.bfloat16)
+    ok, why = be.available(torch.device("cuda"), torch.bfloat16)
     assert ok and "not built yet for sm_90a" in why
-    ok, why = be.status(torch.device("cuda"), torch.float32)
+    ok, why = be.available(torch.device("cuda"), torch.float32)
     assert not ok and "float16/bfloat16" in why
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
-    ok, why = be.status(torch.device("cuda"), torch.bfloat16)
+    ok, why = be.available(torch.device("cuda"), torch.bfloat16)
     assert not ok and "TORCH_CUDA_ARCH_LIST" in why
+
+
+def test_prepare_builds_once_and_remembers_a_failure(monkeypatch):
+    """prepare() is the one step that builds; a failed build makes the backend unavailable with
+    the reason, and is not retried on every call (a compile takes minutes)."""
+    be = cuda_backend.CudaBackend()
+    calls = []
+
+    def failing_load():
+        calls.append(1)
+        raise cuda_backend.ToolchainError("nvcc exploded")
+
+    monkeypatch.setattr(be, "_load", failing_load)
+    for _ in range(3):
+        ok, why = be.prepare(torch.device("cuda"))
+        assert not ok and "nvcc exploded" in why
+    assert calls == [1]
+    ok_be = cuda_backend.CudaBackend()
+    monkeypatch.setattr(ok_be, "_load", lambda: setattr(ok_be, "_ops", ("conv", "add", "add_")))
+    assert ok_be.prepare(torch.device("cuda")) == (True, "")

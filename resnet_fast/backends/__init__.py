@@ -92,6 +92,8 @@ def default_name() -> str:
 
 
 def available(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """Whether backend ``name`` can run on device/dtype, and why not; never builds anything
+    (resolve() prepares the backend it picks)."""
     try:
         return get(name).available(torch.device(device), dtype)
     except Exception as e:  # a backend that cannot even import is not available, with the reason
@@ -100,13 +102,15 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool
 
 def _takers(x: torch.Tensor, weight, groups: int, pre: bool, skip: Optional[str] = None):
     """Walk AUTO_ORDER: (name, ok, why) for each backend but ``skip``, ok when it is available
-    for x and supports the call."""
+    for x, supports the call and is ready (prepare: the one step that may build)."""
     for cand in AUTO_ORDER:
         if cand == skip:
             continue
         ok, why = available(cand, x.device, x.dtype)
         if ok:
             ok, why = get(cand).supports(x, weight, groups, pre=pre)
+        if ok:
+            ok, why = get(cand).prepare(x.device)
         yield cand, ok, why
 
 
@@ -138,6 +142,8 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
         raise RuntimeError("no backend can run this call: " + "; ".join(reasons))
     be = get(name)
     ok, why = be.available(x.device, x.dtype)
+    if ok:
+        ok, why = be.prepare(x.device)
     if not ok:
         raise RuntimeError(f"backend {name!r} cannot run on {x.device.type} with {x.dtype}: {why}")
     ok, why = be.supports(x, weight, groups, pre=pre)

@@ -8,9 +8,11 @@ import torch
 class Backend:
     """One implementation of the two ops. Subclasses fill in the methods below.
 
-    ``available`` answers for a device and dtype (can this backend run here at all);
-    ``supports`` answers for one call's shape (e.g. grouped convs a kernel does not cover).
-    Both return ``(ok, reason)`` so the dispatcher can say why it fell back.
+    ``available`` answers for a device and dtype (can this backend run here at all), without
+    side effects; ``supports`` answers for one call's shape (e.g. grouped convs a kernel does not
+    cover); ``prepare`` makes the backend ready to run (a build, a load), called by the dispatcher
+    for the backend it picks. All return ``(ok, reason)`` so the dispatcher can say why it fell
+    back.
     """
 
     name = "base"
@@ -19,6 +21,11 @@ class Backend:
 
     def available(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         raise NotImplementedError
+
+    def prepare(self, device: torch.device) -> tuple[bool, str]:
+        """Make the backend ready to run on ``device`` (build or load what it needs); cheap once
+        it is. Nothing to do by default."""
+        return True, ""
 
     def supports(self, x: torch.Tensor, weight: torch.Tensor | None, groups: int,
                  pre: bool = False) -> tuple[bool, str]:

@@ -427,6 +427,19 @@ class CudaBackend(Backend):
 
     def __init__(self):
         self._ops = None
+        self._prepare_error: Optional[str] = None  # a failed build is not retried every call
+
+    def prepare(self, device) -> tuple[bool, str]:
+        """Build (minutes, once per machine) or load the extension for this GPU, once per process."""
+        if self._ops is not None:
+            return True, ""
+        if self._prepare_error is None:
+            try:
+                self._load()
+                return True, ""
+            except Exception as e:  # a failed build makes the backend unavailable, with the reason
+                self._prepare_error = f"{type(e).__name__}: {e}"
+        return False, self._prepare_error
 
     def _load(self):
         if self._ops is None:
@@ -447,21 +460,11 @@ class CudaBackend(Backend):
             return False, f"needs sm_80 or newer (tensor-core mma.sync for bf16), got sm_{major}x"
         return True, ""
 
-    def available(self, device, dtype):
-        ok, why = self._device_check(device, dtype)
-        if not ok:
-            return ok, why
-        try:
-            self._load()  # builds on first use
-        except Exception as e:  # a failed build makes the backend unavailable, with the reason
-            return False, f"{type(e).__name__}: {e}"
-        return True, ""
-
-    def status(self, device, dtype) -> tuple[bool, str]:
-        """What available() would say, without building or loading anything (for
-        ``python -m resnet_fast.env``): the device and dtype checks, the toolchain, and whether a
-        build for this GPU is cached. (True, note) means it should be available; the note says
-        whether the first use compiles (minutes) or loads the cached library."""
+    def available(self, device, dtype) -> tuple[bool, str]:
+        """Whether the backend can run here, without building or loading anything: the device
+        and dtype checks, the toolchain, and whether a build for this GPU is cached. (True, note):
+        the note says whether the first use compiles (minutes) or loads the cached library.
+        :meth:`prepare` does the build."""
         ok, why = self._device_check(device, dtype)
         if not ok:
             return ok, why
