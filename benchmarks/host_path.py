@@ -55,7 +55,7 @@ def measure(model_name: str, forwards: int, repeats: int, size: int) -> dict:
     times = []
     with torch.no_grad():
         for _ in range(3):
-            model(x)  # folds, signature checks, launch plans
+            model(x)  # folds, signature checks, Triton launch records
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(forwards):

@@ -327,24 +327,24 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
             raise ValueError(f"{name} must be 4-D and channels_last-contiguous (NHWC / OHWI in memory)")
     if config is None:
         config = os.environ.get(CONFIG_ENV_VAR) or None
-    plan = _plan(x, weight, stride, padding, dilation, residual is not None, relu, pre_scale is not None,
+    launch = _launch_for(x, weight, stride, padding, dilation, residual is not None, relu, pre_scale is not None,
                  config)
     if out is None:
-        out = torch.empty(plan.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif out.shape != plan.out_shape or out.dtype != x.dtype:
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {plan.out_shape}, "
+        out = torch.empty(launch.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    elif out.shape != launch.out_shape or out.dtype != x.dtype:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {launch.out_shape}, "
                          f"got {out.dtype} {tuple(out.shape)}")
     if out.numel() == 0:
         return out
-    if plan.kwargs is not None:  # config known: straight to the kernel
-        conv_bn_act_kernel[plan.grid](x, weight, bias, residual, pre_scale, pre_bias, out, **plan.kwargs)
+    if launch.kwargs is not None:  # config known: straight to the kernel
+        conv_bn_act_kernel[launch.grid](x, weight, bias, residual, pre_scale, pre_bias, out, **launch.kwargs)
         return out
     # First launch of this layer without a fixed config: the autotuner picks one (or finds its
-    # earlier pick), and the plan keeps it so later launches skip the autotuner's per-call work.
-    tuner = _tuned_kernels[plan.constexprs["SMALL_CIN"]]
+    # earlier pick), and the launch keeps it so later launches skip the autotuner's per-call work.
+    tuner = _tuned_kernels[launch.constexprs["SMALL_CIN"]]
     start = time.perf_counter()
-    tuner[plan.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, **plan.scalars, **plan.constexprs)
-    plan.set_config(tuner.best_config)
+    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, **launch.scalars, **launch.constexprs)
+    launch.set_config(tuner.best_config)
     # a first forward autotunes every new layer shape (seconds each): say so, one line a layer
     _log.info("resnet_fast: Triton conv %s->%s %sx%s/s%s on %s %s tuned in %.1f s (%s)",
               x.shape[1], weight.shape[0], weight.shape[2], weight.shape[3], stride[0],
@@ -353,7 +353,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
     return out
 
 
-class _LaunchPlan:
+class _Launch:
     """What one layer's launches share: output shape, kernel arguments other than the tensors,
     and, once known, the config and grid. Keyed by everything it is derived from."""
 
@@ -375,37 +375,37 @@ class _LaunchPlan:
         self.kwargs = {**self.scalars, **self.constexprs, **config.all_kwargs()}
 
 
-_plans: dict = {}
+_launches: dict = {}
 
 
-def _plan(x, weight, stride, padding, dilation, residual: bool, relu: bool, pre: bool, config) -> _LaunchPlan:
+def _launch_for(x, weight, stride, padding, dilation, residual: bool, relu: bool, pre: bool, config) -> _Launch:
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     # input_precision reads torch's TF32 switch at every call: it is part of the key
     key = (tuple(x.shape), tuple(weight.shape), stride, padding, dilation, x.dtype, residual, relu, pre,
            input_precision(x.dtype), config if config is None or isinstance(config, str) else id(config))
-    plan = _plans.get(key)
-    if plan is None:
+    launch = _launches.get(key)
+    if launch is None:
         out_shape, scalars, constexprs = _layer_args(tuple(x.shape), tuple(weight.shape), stride, padding,
                                                      dilation, x.dtype, residual=residual, relu=relu, pre=pre)
-        plan = _LaunchPlan(out_shape, scalars, constexprs, _resolve_config(config))
+        launch = _Launch(out_shape, scalars, constexprs, _resolve_config(config))
         if config is None or isinstance(config, str):  # a Config object may be a one-off: not kept
-            if len(_plans) >= _MAX_PLANS:
-                _plans.clear()
-            _plans[key] = plan
-    return plan
+            if len(_launches) >= _MAX_LAUNCHES:
+                _launches.clear()
+            _launches[key] = launch
+    return launch
 
 
-#: plans kept (one per distinct layer call; a ResNet-50 at one batch size has 24)
-_MAX_PLANS = 4096
+#: launch records kept (one per distinct layer call; a ResNet-50 at one batch size has 24)
+_MAX_LAUNCHES = 4096
 
 
 def chosen_configs() -> list[dict]:
     """The config each layer call of this process launched with (autotuned or fixed): for
     reports, so that a timing can be read together with the tile that produced it."""
     out = []
-    for key, plan in _plans.items():
+    for key, launch in _launches.items():
         x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, precision, _ = key
-        cfg = None if plan.config is None else config_name(plan.config)
+        cfg = None if launch.config is None else config_name(launch.config)
         out.append({"x": list(x_shape), "weight": list(w_shape), "stride": list(stride),
                     "padding": list(padding), "dilation": list(dilation),
                     "dtype": str(dtype).replace("torch.", ""), "residual": residual, "relu": relu,

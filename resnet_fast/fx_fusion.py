@@ -36,7 +36,7 @@ import torch
 from torch import fx, nn
 
 from . import ops
-from .fx_patterns import Plan, find_units
+from .fx_patterns import GraphMatches, find_units
 from .plan import FusedUnit
 from .modules import UnitState, fused_conv, has_hooks, like_input, reference_reason, special_leaf
 
@@ -215,8 +215,8 @@ def _fits(x: torch.Tensor, residual, conv: nn.Conv2d) -> bool:
             and residual.dtype == x.dtype and residual.device == x.device)
 
 
-def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, FusedUnit]]:
-    """Replace each unit of ``plan`` in ``graph`` (in place) by one :func:`fused_unit` call.
+def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit]]:
+    """Replace each unit of ``matches`` in ``graph`` (in place) by one :func:`fused_unit` call.
 
     Returns (key, unit) per unit: its calls' key (the conv node's name: a conv called twice is
     two units), and the unit as the fusion plan records it."""
@@ -227,7 +227,7 @@ def rewrite(graph: fx.Graph, plan: Plan) -> list[tuple[str, FusedUnit]]:
     first_input = placeholders[0] if placeholders else None
 
     units, calls, dead = [], [], []
-    for u in plan.units:
+    for u in matches.units:
         key = u.conv.name
         with graph.inserting_before(u.out):
             conv, bn, pre_bn = (graph.get_attr(n.target) if n is not None else None
@@ -395,10 +395,10 @@ def fused_graph_of(m: nn.Module) -> Optional[FusedGraph]:
     return m.__dict__.get(STATE_ATTR)
 
 
-def install(module: nn.Module, traced: Traced, plan: Plan, owner: str) -> FusedGraph:
-    """Rewrite the traced graph per ``plan`` and make it ``module``'s forward, in place."""
-    units = rewrite(traced.graph, plan)
-    reasons = {conv: why for conv, (_, why) in plan.rows.items() if why}
+def install(module: nn.Module, traced: Traced, matches: GraphMatches, owner: str) -> FusedGraph:
+    """Rewrite the traced graph per ``matches`` and make it ``module``'s forward, in place."""
+    units = rewrite(traced.graph, matches)
+    reasons = {conv: why for conv, (_, why) in matches.rows.items() if why}
     fg = FusedGraph(traced.graph, traced.specialized, units, reasons, owner,
                     _watched(module, traced.graph, units))
     module.__dict__[STATE_ATTR] = fg
@@ -431,26 +431,26 @@ def convert_graphs(root: nn.Module, leave: Callable[[nn.Module], Optional[str]],
     ``problems`` gets what convert's warning names: modules that do not trace, and convs whose
     fusion is refused. Both are keyed by qualified name ("" is ``root``).
     """
-    glue: dict[nn.Module, tuple[str, Traced, Plan]] = {}  # traced, waiting for the parent
+    glue: dict[nn.Module, tuple[str, Traced, GraphMatches]] = {}  # traced, waiting for the parent
     opaque: set = set()  # modules every trace keeps as calls
 
     def qual(prefix: str, name: str) -> str:
         return f"{prefix}.{name}" if prefix else name
 
-    def take(name: str, m: nn.Module, traced: Traced, plan: Plan) -> None:
-        for conv, why in plan.issues.items():
+    def take(name: str, m: nn.Module, traced: Traced, matches: GraphMatches) -> None:
+        for conv, why in matches.issues.items():
             problems[qual(name, conv)] = why
-        if plan.units:
-            install(m, traced, plan, name or type(m).__name__)
+        if matches.units:
+            install(m, traced, matches, name or type(m).__name__)
         else:
-            for conv, (_, why) in plan.rows.items():
+            for conv, (_, why) in matches.rows.items():
                 notes[qual(name, conv)] = why
 
     def settle(children) -> None:
         # glue whose parent does not take it in is converted on its own
         for c in children:
-            name, traced, plan = glue.pop(c)
-            take(name, c, traced, plan)
+            name, traced, matches = glue.pop(c)
+            take(name, c, traced, matches)
             opaque.add(c)
 
     def visit(m: nn.Module, name: str, is_root: bool) -> bool:
@@ -479,11 +479,11 @@ def convert_graphs(root: nn.Module, leave: Callable[[nn.Module], Optional[str]],
             problems[name] = notes[name] = str(e)
             settle(inline)
             return False
-        plan = find_units(traced.graph, dict(m.named_modules()))
-        if not is_root and not plan.is_block and plan.has_candidates:
-            glue[m] = (name, traced, plan)
+        matches = find_units(traced.graph, dict(m.named_modules()))
+        if not is_root and not matches.is_block and matches.has_candidates:
+            glue[m] = (name, traced, matches)
             return True
-        take(name, m, traced, plan)
+        take(name, m, traced, matches)
         # the glue m traced through is part of m's graph now (and had no units of its own
         # when m has none: a unit inside glue is a unit of any graph that inlines it)
         for c in inline:

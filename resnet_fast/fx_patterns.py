@@ -209,7 +209,7 @@ class Unit:
 
 
 @dataclass
-class Plan:
+class GraphMatches:
     """What :func:`find_units` found in one graph."""
     units: list[Unit]
     #: conv target -> (fused kinds, reason it is not fused or None), one per conv called
@@ -258,7 +258,7 @@ class _Graph:
         return not any(lo < self.pos[w] < hi and w not in own for w in self.writers)
 
 
-def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> Plan:
+def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> GraphMatches:
     """The units to fuse in ``graph`` (a trace of the module whose named_modules() is
     ``modules``), and a row for every conv it calls. See the module doc for the rules."""
     g = _Graph(graph, modules)
@@ -341,7 +341,7 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> Plan:
     for c in convs:
         if c.target not in rows:
             rows[c.target] = ((), reasons.get(c) or issues.get(c.target) or _why_nothing(c, modules))
-    return Plan(
+    return GraphMatches(
         units=sorted(fused, key=lambda u: g.pos[u.out]),
         rows=rows,
         issues={t: why for t, why in issues.items() if not rows[t][0]},

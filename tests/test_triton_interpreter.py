@@ -77,7 +77,7 @@ def test_conv_matches_float64_reference(name, residual, relu, pre, dtype):
 def test_conv_64bit_offsets(monkeypatch):
     # The 64-bit index path, on a small tensor: force the switch the launcher sets for huge ones.
     monkeypatch.setattr(conv_kernels, "INT32_INDEX_LIMIT", 0)
-    monkeypatch.setattr(conv_kernels, "_plans", {})  # launch plans hold the index width
+    monkeypatch.setattr(conv_kernels, "_launches", {})  # launch records hold the index width
     for name in ("3x3_s2", "7x7_s2_stem"):
         args = make_conv(name, torch.float32, residual=True, pre=True)
         assert rel_err(launch(args, True), reference(args, True, torch.float64)) < 1e-5
@@ -104,7 +104,7 @@ def test_prune_configs():
     assert conv_kernels.prune_configs(configs, {"Cout": 2048}) == configs
 
 
-def test_launch_plan_keeps_the_autotuned_config(monkeypatch):
+def test_launch_record_keeps_the_autotuned_config(monkeypatch):
     """A layer's first launch goes through the autotuner; later ones go straight to the kernel
     with its pick (on a GPU host the autotuner's per-call work costs ~25 us of a ~190 us call)."""
     picked = conv_kernels.INTERPRETER_CONFIG
@@ -122,16 +122,16 @@ def test_launch_plan_keeps_the_autotuned_config(monkeypatch):
     tuner = Tuner()
     monkeypatch.setattr(conv_kernels, "_tuned_kernels", {False: tuner, True: tuner})
     monkeypatch.setattr(conv_kernels, "_resolve_config", lambda config: config)  # tune, as on a GPU
-    monkeypatch.setattr(conv_kernels, "_plans", {})
-    for _ in range(3):  # fresh inputs every call: the plan holds no tensor
+    monkeypatch.setattr(conv_kernels, "_launches", {})
+    for _ in range(3):  # fresh inputs every call: the launch record holds no tensor
         args = make_conv("3x3_s2", torch.float32, residual=True, pre=True)
         ref = reference(args, True, torch.float64)
         out = torch.full(ref.shape, float("nan")).contiguous(memory_format=torch.channels_last)
         assert rel_err(launch(args, True, out=out), ref) < 1e-5
-    assert tuner.calls == 1 and len(conv_kernels._plans) == 1
+    assert tuner.calls == 1 and len(conv_kernels._launches) == 1
     args = make_conv("3x3_s2", torch.float32, residual=False, pre=True)  # another layer call
     launch(args, True)
-    assert tuner.calls == 2 and len(conv_kernels._plans) == 2
+    assert tuner.calls == 2 and len(conv_kernels._launches) == 2
     picks = conv_kernels.chosen_configs()
     assert [p["config"] for p in picks] == [conv_kernels.config_name(picked)] * 2
     assert picks[0]["x"] == [1, 18, 13, 10] and picks[0]["residual"] and not picks[1]["residual"]
@@ -205,7 +205,7 @@ def test_eager_calls_skip_the_op_unless_something_watches(monkeypatch):
 
 
 def test_compile_fullgraph_and_export_on_triton():
-    """The direct-call switch and the launch plans stay out of compiled graphs."""
+    """The direct-call switch and the launch records stay out of compiled graphs."""
     ref, ours = _small_block()
     x = torch.randn(1, 16, 5, 5).contiguous(memory_format=CL)
     with torch.no_grad():
