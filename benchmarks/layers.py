@@ -1,8 +1,8 @@
 """The distinct convolutions of a ResNet: shape + epilogue, and how often each occurs.
 
-Which conv runs with which BN, residual and prologue is read off the converter's fusion plan
-(:func:`plan_units`, :mod:`resnet_fast.plan`), for torchvision, timm and user-written models
-alike. A conv's epilogue is what follows its (optional) BatchNorm:
+Which conv runs with which BN, residual and prologue, and its shapes, are read off the
+converter's fusion plan (:mod:`resnet_fast.plan`) through the kernel report's unit list, for
+torchvision, timm and user-written models alike: one extraction, two views of it. A conv's epilogue is what follows its (optional) BatchNorm:
 
     relu            stem conv1, a bottleneck's conv1/conv2, a basic block's conv1
     residual+relu   the block's last conv (the identity or downsample output added, then ReLU)
@@ -102,54 +102,23 @@ class ConvLayer:
                 "bytes": self.bytes(batch, itemsize)}
 
 
-@torch.no_grad()
-def conv_shapes(model: torch.nn.Module, resolution: int) -> dict[str, tuple[tuple, tuple]]:
-    """name -> ((C,H,W) in, (C,H,W) out) per conv, traced on the meta device."""
-    meta = copy.deepcopy(model).to("meta")
-    shapes, hooks = {}, []
-    for name, m in meta.named_modules():
-        if isinstance(m, torch.nn.Conv2d):
-            hooks.append(m.register_forward_hook(
-                lambda mod, inp, out, name=name: shapes.__setitem__(
-                    name, (tuple(inp[0].shape[1:]), tuple(out.shape[1:])))))
-    meta(torch.empty(1, 3, resolution, resolution, device="meta"))
-    for h in hooks:
-        h.remove()
-    return shapes
-
-
-def plan_units(model: torch.nn.Module) -> list[tuple]:
-    """(unit, conv, bn, pre_bn) for every unit of the model's fusion plan, in forward
-    order: a copy of the model is converted on the meta device and its plan
-    (:func:`resnet_fast.plan.units`) resolved in ``model`` itself."""
-    import warnings
-
-    import resnet_fast
-    from resnet_fast import plan
-
-    meta = copy.deepcopy(model).to("meta")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # units it cannot convert are simply not measured
-        converted = resnet_fast.convert(meta, backend="torch")
-    get = (lambda n: model.get_submodule(n) if n else None)
-    return [(u, get(u.conv), get(u.bn), get(u.pre_bn)) for u in plan.units(converted)]
-
-
 def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
     """The model's distinct convs (same shape and epilogue counted once), in forward order, as
-    the converter's fusion plan describes them."""
-    shapes = conv_shapes(model, resolution)
-    units = plan_units(model)
+    the converter's fusion plan describes them (the kernel report's unit list, read on a meta
+    copy: :func:`resnet_fast.kernel_report.layers.unit_layers`), with ``model``'s own modules."""
+    from resnet_fast.kernel_report.layers import unit_layers
+
+    units, _ = unit_layers(copy.deepcopy(model), batch=1, resolution=resolution)
+    get = (lambda n: model.get_submodule(n) if n else None)
     seen: dict[tuple, ConvLayer] = {}
-    for unit, conv, bn, pre_bn in units:
-        name = unit.conv
-        ins, outs = shapes[name]
-        layer = ConvLayer(name=name, conv=conv, bn=bn, unit=unit, in_shape=ins, out_shape=outs,
-                          pre_bn=pre_bn)
+    for unit, d in units:
+        layer = ConvLayer(name=unit.conv, conv=get(unit.conv), bn=get(unit.bn), unit=unit,
+                          in_shape=(d["cin"], d["h"], d["w"]), out_shape=(d["cout"], d["ho"], d["wo"]),
+                          pre_bn=get(unit.pre_bn))
         k = layer.key()
         if k in seen:
-            seen[k].names.append(name)
+            seen[k].names.append(unit.conv)
         else:
-            layer.names.append(name)
+            layer.names.append(unit.conv)
             seen[k] = layer
     return list(seen.values())

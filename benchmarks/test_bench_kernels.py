@@ -111,8 +111,7 @@ def test_block(benchmark, model32, block_name, peer):
     if peer != "eager_cl":
         resnet_fast.convert(m, backend=peer[3:])
     block = getattr(m, stage)[int(idx)]
-    shapes = layers_mod.conv_shapes(model32, 224)
-    c, h, w = shapes[f"{block_name}.conv1"][0]
+    c, h, w = next(L for L in layers_mod.distinct_convs(model32, 224) if f"{block_name}.conv1" in L.names).in_shape
     ring = [(torch.randn(BATCH, c, h, w, device=DEV, dtype=DTYPE).contiguous(memory_format=torch.channels_last),)
             for _ in range(ring_size(2 * BATCH * c * h * w, DEV))]
     _run(benchmark, lambda x: block(x), ring, {"block": block_name, "input": [BATCH, c, h, w]})

@@ -7,21 +7,22 @@ from resnet_fast import ops
 
 CL = torch.channels_last
 
-# The distinct convs of torchvision's ResNet-50 (v1.5: stride on the 3x3) at 224x224:
-# (Cin, Cout, k, stride, padding, input H=W, epilogue), epilogue as in the model: "relu" after
-# the stem and a bottleneck's conv1/conv2, "res" (residual + relu) after conv3, "none" for the
-# downsample conv.
-RESNET50_CONVS = [
-    (3, 64, 7, 2, 3, 224, "relu"),
-    (64, 64, 1, 1, 0, 56, "relu"), (64, 64, 3, 1, 1, 56, "relu"), (64, 256, 1, 1, 0, 56, "res"),
-    (64, 256, 1, 1, 0, 56, "none"), (256, 64, 1, 1, 0, 56, "relu"),
-    (256, 128, 1, 1, 0, 56, "relu"), (128, 128, 3, 2, 1, 56, "relu"), (128, 512, 1, 1, 0, 28, "res"),
-    (256, 512, 1, 2, 0, 56, "none"), (512, 128, 1, 1, 0, 28, "relu"), (128, 128, 3, 1, 1, 28, "relu"),
-    (512, 256, 1, 1, 0, 28, "relu"), (256, 256, 3, 2, 1, 28, "relu"), (256, 1024, 1, 1, 0, 14, "res"),
-    (512, 1024, 1, 2, 0, 28, "none"), (1024, 256, 1, 1, 0, 14, "relu"), (256, 256, 3, 1, 1, 14, "relu"),
-    (1024, 512, 1, 1, 0, 14, "relu"), (512, 512, 3, 2, 1, 14, "relu"), (512, 2048, 1, 1, 0, 7, "res"),
-    (1024, 2048, 1, 2, 0, 14, "none"), (2048, 512, 1, 1, 0, 7, "relu"), (512, 512, 3, 1, 1, 7, "relu"),
-]
+_EPILOGUE_CODES = {"relu": "relu", "residual+relu": "res", "none": "none"}
+
+
+def _resnet50_convs():
+    """The distinct convs of torchvision's ResNet-50 (v1.5: stride on the 3x3) at 224x224, read
+    off the converter's fusion plan (through the kernel report's layer list, on the meta device):
+    (Cin, Cout, k, stride, padding, input H=W, epilogue), epilogue "relu" after the stem and a
+    bottleneck's conv1/conv2, "res" (residual + relu) after conv3, "none" for the downsample."""
+    from resnet_fast.kernel_report.layers import distinct_layers
+
+    layers, _ = distinct_layers("resnet50", batch=1, resolution=224)
+    return [(d["cin"], d["cout"], d["kernel"][0], d["stride"][0], d["padding"][0], d["h"],
+             _EPILOGUE_CODES[d["epilogue"]]) for d in layers]
+
+
+RESNET50_CONVS = _resnet50_convs()
 
 
 def make_conv(cin, cout, k, stride, pad, h, w, n, dtype, residual, pre=False, dilation=1, device="cpu"):

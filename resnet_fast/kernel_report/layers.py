@@ -69,10 +69,11 @@ def _key(layer: dict) -> tuple:
                  if k not in ("names", "count"))
 
 
-def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 224,
-                    in_channels: int = 3) -> tuple[list[dict], list[dict]]:
-    """(layers, unfused): one dict per distinct conv (shape + epilogue), in forward order, with
-    the names of every conv of that kind; and {"name", "reason"} for convs left unfused."""
+def unit_layers(model: nn.Module | str, batch: int = 256, resolution: int = 224,
+                in_channels: int = 3) -> tuple[list[tuple], list[dict]]:
+    """(units, unfused): (FusedUnit, layer dict) for every unit of the converted model's fusion
+    plan, shapes at this batch and resolution, in forward order; and {"name", "reason"} for the
+    convs left unfused. ``model`` (an instance) is moved to the meta device and converted in place."""
     from .. import convert, fusion_summary, plan
 
     if isinstance(model, str):
@@ -99,8 +100,7 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
         for h in hooks:
             h.remove()
 
-    layers: dict[tuple, dict] = {}
-    unfused = []
+    found, unfused = [], []
     reasons = {r["name"]: r["reason"] for r in fusion_summary(model)}
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.Conv2d):
@@ -113,17 +113,25 @@ def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 
             unfused.append({"name": name, "reason": "not reached by the forward pass"})
             continue
         n, c, h, w = shapes[name]
-        layer = normalize_layer({
+        found.append((unit, normalize_layer({
             "cin": c, "cout": mod.out_channels, "kernel": list(mod.kernel_size),
             "stride": list(mod.stride), "padding": list(mod.padding), "dilation": list(mod.dilation),
             "groups": mod.groups, "h": h, "w": w, "batch": n,
-            "epilogue": unit.kernel_epilogue})
+            "epilogue": unit.kernel_epilogue})))
+    return found, unfused
+
+
+def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 224,
+                    in_channels: int = 3) -> tuple[list[dict], list[dict]]:
+    """(layers, unfused): one dict per distinct conv (shape + epilogue), in forward order, with
+    the names of every conv of that kind; and {"name", "reason"} for convs left unfused."""
+    units, unfused = unit_layers(model, batch, resolution, in_channels)
+    layers: dict[tuple, dict] = {}
+    for unit, layer in units:
         k = _key(layer)
         if k in layers:
-            layers[k]["names"].append(name)
+            layers[k]["names"].append(unit.conv)
             layers[k]["count"] += 1
         else:
-            layer["names"] = [name]
-            layer["count"] = 1
-            layers[k] = layer
+            layers[k] = dict(layer, names=[unit.conv], count=1)
     return list(layers.values()), unfused
