@@ -108,7 +108,8 @@ def distinct_convs(model: torch.nn.Module, resolution: int) -> list[ConvLayer]:
     copy: :func:`resnet_fast.kernel_report.layers.unit_layers`), with ``model``'s own modules."""
     from resnet_fast.kernel_report.layers import unit_layers
 
-    units, _ = unit_layers(copy.deepcopy(model), batch=1, resolution=resolution)
+    # batch 2: the trace runs in train() (every conv called), where BN needs two values a channel
+    units, _ = unit_layers(copy.deepcopy(model), batch=2, resolution=resolution)
     get = (lambda n: model.get_submodule(n) if n else None)
     seen: dict[tuple, ConvLayer] = {}
     for unit, d in units:

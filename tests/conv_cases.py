@@ -17,7 +17,7 @@ def _resnet50_convs():
     bottleneck's conv1/conv2, "res" (residual + relu) after conv3, "none" for the downsample."""
     from resnet_fast.kernel_report.layers import distinct_layers
 
-    layers, _ = distinct_layers("resnet50", batch=1, resolution=224)
+    layers, _ = distinct_layers("resnet50", batch=2, resolution=224)
     return [(d["cin"], d["cout"], d["kernel"][0], d["stride"][0], d["padding"][0], d["h"],
              _EPILOGUE_CODES[d["epilogue"]]) for d in layers]
 
