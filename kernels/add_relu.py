@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import same_memory_order
+from .indexing import needs_int64_index
+
 BLOCK = 4096
-#: past this many elements the offsets of the last block (up to BLOCK past numel) would wrap in
-#: int32, so the launcher switches to 64-bit offsets
-INT32_INDEX_LIMIT = 2**31
 NUM_WARPS = 8  # 256 threads x 16 elements: two 128-bit accesses per thread per operand in 16-bit dtypes
 
 
@@ -34,14 +34,6 @@ def add_relu_kernel(a_ptr, b_ptr, out_ptr, numel,
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def same_memory_order(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether a and b can be walked as flat buffers: both contiguous or both channels_last."""
-    if a.is_contiguous() and b.is_contiguous():
-        return True
-    cl = torch.channels_last
-    return a.dim() == 4 and a.is_contiguous(memory_format=cl) and b.is_contiguous(memory_format=cl)
-
-
 def _check(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         raise ValueError(f"add_relu needs a and b of one shape, dtype and device, got "
@@ -57,7 +49,8 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     n = a.numel()
     if n:
         add_relu_kernel[(triton.cdiv(n, BLOCK),)](a, b, out, n, BLOCK=BLOCK,
-                                                  INT64_OFFSETS=n + BLOCK >= INT32_INDEX_LIMIT,
+                                                  # the last block's offsets reach BLOCK past n
+                                                  INT64_OFFSETS=needs_int64_index(n + BLOCK),
                                                   num_warps=NUM_WARPS)
 
 

@@ -35,6 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import conv_output_hw
+from .indexing import needs_int64_index
+
 _log = logging.getLogger("resnet_fast")
 
 #: kernels decorated while TRITON_INTERPRET=1 run in Triton's interpreter (CPU tensors too)
@@ -43,10 +46,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CONFIG_ENV_VAR = "RESNET_FAST_TRITON_CONV_CONFIG"
 #: channel counts below this take the flat-K path (see the module doc)
 SMALL_CIN = 16
-#: tensors with this many elements or more get 64-bit index math. 32-bit math must not wrap for
-#: any element's offset, nor for the row indices of the last, partial tile (up to BLOCK_M past M,
-#: masked by comparing them with M); only tensors near 2**31 elements pay for 64-bit math.
-INT32_INDEX_LIMIT = 2**31 - 2**16
+#: how far past the last row the row indices of the last, partial tile reach (BLOCK_M of any
+#: config, masked by comparing them with M): part of the largest index the kernel computes
+ROW_INDEX_MARGIN = 2**16
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -280,10 +282,11 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
     ahead-of-time compile spec, so the report compiles exactly what runs)."""
     n, cin, h, w = x_shape
     cout, _, kh, kw = w_shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ho, wo = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
     m = n * ho * wo
-    int64_offsets = max(n * cin * h * w, m * cout) >= INT32_INDEX_LIMIT
+    # 32-bit math must hold every element's offset and the last tile's row indices: only
+    # tensors near 2**31 elements pay for 64-bit math
+    int64_offsets = needs_int64_index(max(n * cin * h * w, m * cout) + ROW_INDEX_MARGIN)
     scalars = dict(M=m, H=h, W=w, Cin=cin, Ho=ho, Wo=wo, Cout=cout,
                    M_BUCKET=triton.next_power_of_2(m))
     constexprs = dict(

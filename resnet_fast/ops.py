@@ -65,6 +65,14 @@ def pair(v: int | Sequence[int], name: str = "value") -> list[int]:
     return v
 
 
+def same_memory_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b can be walked as flat buffers of one order: both contiguous or both
+    channels_last (what the add_relu kernels need)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    return is_nhwc(a) and is_nhwc(b)
+
+
 def is_nhwc(t: torch.Tensor) -> bool:
     """True when t's memory is NHWC (channels fastest), the layout every kernel reads."""
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)

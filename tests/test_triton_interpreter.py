@@ -15,6 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from resnet_fast import backends, ops  # noqa: E402
 from resnet_fast.kernels import add_relu as add_relu_kernels  # noqa: E402
 from resnet_fast.kernels import conv_bn_act as conv_kernels  # noqa: E402
+from resnet_fast.kernels import indexing as index_width  # noqa: E402
 
 from . import conv_cases  # noqa: E402
 from .conv_cases import launch, reference  # noqa: E402
@@ -76,7 +77,7 @@ def test_conv_matches_float64_reference(name, residual, relu, pre, dtype):
 
 def test_conv_64bit_offsets(monkeypatch):
     # The 64-bit index path, on a small tensor: force the switch the launcher sets for huge ones.
-    monkeypatch.setattr(conv_kernels, "INT32_INDEX_LIMIT", 0)
+    monkeypatch.setattr(index_width, "INT32_INDEX_LIMIT", 0)
     monkeypatch.setattr(conv_kernels, "_launches", {})  # launch records hold the index width
     for name in ("3x3_s2", "7x7_s2_stem"):
         args = make_conv(name, torch.float32, residual=True, pre=True)
@@ -262,7 +263,7 @@ def test_add_relu(layout, dtype):
 
 
 def test_add_relu_64bit_offsets(monkeypatch):
-    monkeypatch.setattr(add_relu_kernels, "INT32_INDEX_LIMIT", 0)
+    monkeypatch.setattr(index_width, "INT32_INDEX_LIMIT", 0)
     a, b = _operands((5001,), None, torch.float32)
     _assert_matches(add_relu_kernels.add_relu(a, b), ops.add_relu_reference(a, b))
 

@@ -66,12 +66,12 @@ class TritonBackend(Backend):
     # The kernel walks a and b as flat buffers; operands in two different memory orders go to
     # the torch backend instead.
     def add_relu(self, a, b):
-        if not _add_relu.same_memory_order(a, b):
+        if not ops.same_memory_order(a, b):
             return _fallback().add_relu(a, b)
         return (_add_relu.add_relu if ops.direct_call_ok(a, b) else _add_relu_op)(a, b)
 
     def add_relu_(self, a, b):
-        if not _add_relu.same_memory_order(a, b):
+        if not ops.same_memory_order(a, b):
             return _fallback().add_relu_(a, b)
         (_add_relu_inplace_impl if ops.direct_call_ok(a, b) else _add_relu_inplace_op)(a, b)
 
