@@ -10,7 +10,8 @@ How a model is converted (:func:`convert_graphs`, called by :func:`resnet_fast.c
 3. A module whose graph has a residual add (a *block*), or the model itself, is converted in
    place when it has units (:func:`install`): its class becomes a subclass of its own class
    whose ``forward`` runs the rewritten graph, which calls :func:`fused_unit` (hence
-   :func:`resnet_fast.modules.fused_conv`, the one fused unit) where the units were. Every
+   :func:`resnet_fast.modules.fused_conv`, the one fused unit) where the units were, and
+   :func:`fused_join` (the add_relu op) where a residual join no unit took was. Every
    submodule, parameter and buffer stays where it was, under its name: ``state_dict``, hooks,
    ``isinstance`` and ``convert(model) is model`` all hold.
 4. A module that does not trace is left as it is (its children are still converted); so is a
@@ -206,6 +207,16 @@ def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, 
     return like_input(y, like) if isinstance(like, torch.Tensor) else y
 
 
+def fused_join(state: "FusedGraph", *, a, b):
+    """relu(a + b) of a rewritten graph, a residual join no conv epilogue took: the add_relu op
+    for operands it takes (one shape, dtype, device and memory order), else torch's own."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+            and a.dtype == b.dtype and a.dtype in ops.FLOAT_DTYPES and a.device == b.device
+            and ops.same_memory_order(a, b)):
+        return ops.add_relu(a, b, backend=state.backend)
+    return torch.relu(a + b)
+
+
 def _fits(x: torch.Tensor, residual, conv: nn.Conv2d) -> bool:
     if not isinstance(residual, torch.Tensor) or x.dim() != 4:
         return False
@@ -243,6 +254,13 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
         calls.append(call)
     for n in dead:  # prologue BN/ReLU nodes, read by nothing once all their convs are fused
         graph.erase_node(n)
+    for j in matches.joins:  # after the units: an operand may be a unit's call by now
+        a, b = j.add.args
+        with graph.inserting_before(j.add):
+            join = graph.call_function(fused_join, (state,), dict(a=a, b=b))
+        j.relu.replace_all_uses_with(join)
+        graph.erase_node(j.relu)
+        graph.erase_node(j.add)
     # results read by anything but another fused op get the input's memory format back
     for call in calls:
         if any(user.target is not fused_unit or call not in (user.kwargs["x"], user.kwargs["residual"])
@@ -440,7 +458,7 @@ def convert_graphs(root: nn.Module, leave: Callable[[nn.Module], Optional[str]],
     def take(name: str, m: nn.Module, traced: Traced, matches: GraphMatches) -> None:
         for conv, why in matches.issues.items():
             problems[qual(name, conv)] = why
-        if matches.units:
+        if matches.units or matches.joins:
             install(m, traced, matches, name or type(m).__name__)
         else:
             for conv, (_, why) in matches.rows.items():

@@ -209,9 +209,18 @@ class Unit:
 
 
 @dataclass
+class Join:
+    """relu(a + b) that no conv's epilogue took: one add_relu op (the fused residual join)."""
+    add: Node
+    relu: Node
+
+
+@dataclass
 class GraphMatches:
     """What :func:`find_units` found in one graph."""
     units: list[Unit]
+    #: residual joins left to the add_relu op, in graph order
+    joins: list[Join]
     #: conv target -> (fused kinds, reason it is not fused or None), one per conv called
     rows: dict[str, tuple[tuple, Optional[str]]]
     #: conv target -> why a fusion it asks for is refused (reported by convert's warning)
@@ -333,6 +342,9 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> GraphMatches:
                     reasons.setdefault(u.conv, "its BN+ReLU input is also used elsewhere, so it is "
                                                 "computed once and read")
 
+    absorbed = {n for u in units.values() for n in u.nodes}
+    joins = [j for j in (_join_at(n, g) for n in g.nodes if n not in absorbed) if j is not None]
+
     rows: dict[str, tuple[tuple, Optional[str]]] = {}
     fused = [u for u in units.values() if u.runs_fused]
     for u in fused:
@@ -343,6 +355,7 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> GraphMatches:
             rows[c.target] = ((), reasons.get(c) or issues.get(c.target) or _why_nothing(c, modules))
     return GraphMatches(
         units=sorted(fused, key=lambda u: g.pos[u.out]),
+        joins=joins,
         rows=rows,
         issues={t: why for t, why in issues.items() if not rows[t][0]},
         is_block=any(add_operands(n) is not None for n in g.nodes),
@@ -350,6 +363,20 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> GraphMatches:
                            or foldable_norm(n, modules)[0] is not None
                            or relu_input(n, modules) is not None for n in g.nodes),
     )
+
+
+def _join_at(n: Node, g: _Graph) -> Optional[Join]:
+    """A residual join ``relu(a + b)`` at add node n: the sum is read by the ReLU alone, an
+    in-place add overwrites an ``a`` nothing else reads (the op writes a new tensor), and
+    nothing between the add and the ReLU may write in place (the op reads a and b at the add)."""
+    ops = add_operands(n)
+    if ops is None:
+        return None
+    a, _, inplace = ops
+    relu = _only_user(n)
+    if relu is None or relu_input(relu, g.modules) is not n or (inplace and _only_user(a) is not n):
+        return None
+    return Join(n, relu) if g.safe(n, relu, ()) else None
 
 
 def _unit_ending(units: dict[Node, Unit], node: Node, reader: Node) -> Optional[Unit]:

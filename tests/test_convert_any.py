@@ -491,3 +491,91 @@ def test_preact_block_on_triton_backend():
     x = torch.randn(1, 8, 6, 6)
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) < 1e-4
+
+
+# ---- residual joins no conv epilogue takes: the add_relu op ------------------------------
+class _SEBlock(nn.Module):
+    """A squeeze-and-excitation block: the gate multiplies conv2's output before the residual
+    add, so the add cannot go into conv2's epilogue; relu(out + x) is a join of its own."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.fc = nn.Conv2d(c, c, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(out, 1)))
+        out += x
+        return self.relu(out)
+
+
+class _JoinReadElsewhere(nn.Module):
+    """`out += x` overwrites a tensor that is read again after the ReLU: the add must stay in
+    place (an add_relu op would leave `kept` without the sum)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        out = self.bn(self.conv(x)) * 2.0
+        kept = out
+        out += x
+        return torch.relu(out) + kept
+
+
+def _count_add_relu(monkeypatch):
+    calls = []
+    real = rf.ops.add_relu
+
+    def counting(a, b, **kw):
+        calls.append(tuple(a.shape))
+        return real(a, b, **kw)
+
+    monkeypatch.setattr(rf.ops, "add_relu", counting)
+    return calls
+
+
+@pytest.mark.parametrize("make,joins", [
+    (lambda: _SEBlock(), 1),
+    (lambda: nn.Sequential(_SEBlock(), _SEBlock()), 2),
+    (lambda: _JoinReadElsewhere(), 0),
+    (lambda: pytest.importorskip("timm").create_model("resnet18", pretrained=False, num_classes=10,
+                                                      drop_path_rate=0.2), 7),  # DropPath before the add
+], ids=["se_block", "se_blocks", "join_read_elsewhere", "timm_resnet18_drop_path"])
+def test_residual_joins_run_on_add_relu(make, joins, monkeypatch):
+    ref = randomize_bn(make()).double().eval()
+    ours = rf.convert(copy.deepcopy(ref), backend="torch").eval()
+    calls = _count_add_relu(monkeypatch)
+    c = next(m for m in ref.modules() if isinstance(m, nn.Conv2d)).in_channels
+    x = torch.randn(2, c, 16, 16, dtype=torch.float64)
+    xr, xo = x.clone(), x.clone()
+    with torch.no_grad():
+        assert rel_err(ours(xo), ref(xr)) < 1e-9
+    assert len(calls) == joins
+    assert rel_err(xo, xr) == 0  # the caller's input is left as the original leaves it
+    ours.train(), ref.train()  # train(): the original forward, the original adds
+    calls.clear()
+    outs = []
+    for m in (ours, ref):
+        torch.manual_seed(0)  # DropPath draws the same paths for both
+        outs.append(m(x))
+    assert rel_err(*outs) < 1e-9 and not calls
+
+
+def test_residual_join_on_the_triton_kernel():
+    ok, why = rf.backends.available("triton", torch.device("cpu"), torch.float32)
+    if not ok:
+        pytest.skip(f"triton backend not available on cpu/float32: {why}")
+    ref = randomize_bn(_SEBlock()).eval()
+    ours = rf.convert(copy.deepcopy(ref), backend="triton").eval()
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), _CountOps("add_relu") as seen:
+        y = ours(x)
+    assert seen.count == 1  # resnet_fast::add_relu_triton
+    with torch.no_grad():
+        assert rel_err(y, ref(x)) < 1e-5
