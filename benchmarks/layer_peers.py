@@ -43,13 +43,15 @@ def _bn(y, bn, dtype=None):
     return F.batch_norm(y, rm, rv, w, b, False, 0.0, bn.eps)
 
 
-def _eager(w, bias, bn, stride, padding, dilation, groups, relu, pre_bn=None):
+def _eager(w, bias, bn, stride, padding, dilation, groups, relu, pre_bn=None, dtype=None):
+    """The unfused layer as torchvision's eager code runs it; with ``dtype``, BN's tensors are
+    cast to it (the reference: w, bias and the inputs are given in that dtype)."""
     def f(x, r=None):
         if pre_bn is not None:
-            x = torch.relu_(_bn(x, pre_bn))
+            x = torch.relu_(_bn(x, pre_bn, dtype))
         y = F.conv2d(x, w, bias, stride, padding, dilation, groups)
         if bn is not None:
-            y = _bn(y, bn)
+            y = _bn(y, bn, dtype)
         if r is not None:
             y += r                      # torchvision: out += identity
         return torch.relu_(y) if relu else y   # nn.ReLU(inplace=True)
@@ -57,17 +59,14 @@ def _eager(w, bias, bn, stride, padding, dilation, groups, relu, pre_bn=None):
 
 
 def _folded(stride, padding, dilation, groups, relu):
-    # Built per layer (stride etc. are constants of the graph), compiled after a dynamo reset
-    # so no recompile limit can quietly send a layer back to eager.
+    # cuDNN on BN-folded weights plus the op contract's epilogue, which is the reference math
+    # of resnet_fast.ops; built per layer (stride etc. are constants of the graph), compiled
+    # after a dynamo reset so no recompile limit can quietly send a layer back to eager.
+    from resnet_fast import ops
+
     def f(x, w, b, r, pre_scale=None, pre_bias=None):
-        if pre_scale is not None:
-            x = torch.relu(x.float() * pre_scale.view(1, -1, 1, 1) + pre_bias.view(1, -1, 1, 1)).to(w.dtype)
-        y = F.conv2d(x, w, None, stride, padding, dilation, groups).float() + b.view(1, -1, 1, 1)
-        if r is not None:
-            y = y + r.float()
-        if relu:
-            y = torch.relu(y)
-        return y.to(x.dtype)
+        return ops.conv_bn_act_reference(x, w, b, stride, padding, dilation, groups, r, relu,
+                                         pre_scale, pre_bias)
     return f
 
 
@@ -138,17 +137,10 @@ def peer_fn(peer: str, layer: ConvLayer, conv: torch.nn.Conv2d, bn, pre_bn,
 @torch.no_grad()
 def _reference(layer: ConvLayer, x: torch.Tensor, r, ref_dtype: torch.dtype) -> torch.Tensor:
     c = layer.conv
+    f = _eager(c.weight.to(ref_dtype), None if c.bias is None else c.bias.to(ref_dtype), layer.bn,
+               c.stride, c.padding, c.dilation, c.groups, layer.relu, layer.pre_bn, dtype=ref_dtype)
     with tf32_off():
-        x = x.to(ref_dtype)
-        if layer.pre_bn is not None:
-            x = torch.relu(_bn(x, layer.pre_bn, ref_dtype))
-        y = F.conv2d(x, c.weight.to(ref_dtype), None if c.bias is None else c.bias.to(ref_dtype),
-                     c.stride, c.padding, c.dilation, c.groups)
-        if layer.bn is not None:
-            y = _bn(y, layer.bn, ref_dtype)
-        if r is not None:
-            y = y + r.to(ref_dtype)
-        return torch.relu(y) if layer.relu else y
+        return f(x.to(ref_dtype), None if r is None else r.to(ref_dtype))
 
 
 @torch.no_grad()
