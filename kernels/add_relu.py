@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import same_memory_order
-from .indexing import needs_int64_index
+from resnet_fast.kernels.indexing import needs_int64_index
+from resnet_fast.ops import same_memory_order
 
 BLOCK = 4096
 NUM_WARPS = 8  # 256 threads x 16 elements: two 128-bit accesses per thread per operand in 16-bit dtypes

@@ -35,8 +35,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import conv_output_hw
-from .indexing import needs_int64_index
+# absolute imports: the kernel report loads this file again under a private name (to compile
+# its kernels outside the interpreter), where a relative import has no package to resolve in
+from resnet_fast.kernels.indexing import needs_int64_index
+from resnet_fast.ops import conv_output_hw
 
 _log = logging.getLogger("resnet_fast")
 

@@ -38,8 +38,8 @@ from torch import fx, nn
 
 from . import ops
 from .fx_patterns import GraphMatches, find_units
-from .plan import FusedUnit
 from .modules import UnitState, fused_conv, has_hooks, like_input, reference_reason, special_leaf
+from .plan import FusedUnit
 
 #: the attribute of a converted module that holds its FusedGraph (not a submodule: no state_dict)
 STATE_ATTR = "_resnet_fast_fx"
@@ -196,13 +196,13 @@ def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, 
     ``like``: the graph's input when the result leaves the fused ops (goes to any other
     op): it gets that input's memory format back, as the original conv's output would have.
     """
-    unit = state.unit_states[key]
+    unit_state = state.unit_states[key]
     if residual is not None and not _fits(x, residual, conv):
         # a residual that broadcasts or has another dtype: the add stays outside the op
-        y = fused_conv(x, conv, bn, unit, relu=False, pre_bn=pre_bn, backend=state.backend) + residual
+        y = fused_conv(x, conv, bn, unit_state, relu=False, pre_bn=pre_bn, backend=state.backend) + residual
         y = torch.relu(y) if relu else y
     else:
-        y = fused_conv(x, conv, bn, unit, relu=relu, residual=residual, pre_bn=pre_bn,
+        y = fused_conv(x, conv, bn, unit_state, relu=relu, residual=residual, pre_bn=pre_bn,
                        backend=state.backend)
     return like_input(y, like) if isinstance(like, torch.Tensor) else y
 
@@ -241,8 +241,8 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
     for u in matches.units:
         key = u.conv.name
         with graph.inserting_before(u.out):
-            conv, bn, pre_bn = (graph.get_attr(n.target) if n is not None else None
-                                for n in (u.conv, u.bn.node if u.bn else None, u.pre.norm.node if u.pre else None))
+            nodes = (u.conv, u.bn.node if u.bn else None, u.pre.norm.node if u.pre else None)
+            conv, bn, pre_bn = (graph.get_attr(n.target) if n is not None else None for n in nodes)
             call = graph.call_function(fused_unit, (state, key), dict(
                 x=u.x, residual=u.residual, conv=conv, bn=bn, pre_bn=pre_bn, relu=u.relu, like=None))
         u.out.replace_all_uses_with(call)

@@ -64,7 +64,7 @@ def _needs_reference(tensors, modules) -> Optional[str]:
 
 class ReferencePathWarning(UserWarning):
     """A converted model ran the unfused reference math where it could have run its fused
-    kernels, for a reason the caller can act on (given once per reason and process)."""
+    kernels, for a reason the caller can act on (given once per reason, device and backend)."""
 
 
 _WHY_REFERENCE = {
@@ -88,11 +88,13 @@ def reference_reason(tensors, modules, backend=None) -> Optional[str]:
     The one rule every fused module follows to choose between its fused and its exact path.
     """
     why = _needs_reference(tensors, modules)
-    if why in _WHY_REFERENCE and why not in _warned and not torch.compiler.is_compiling():
+    if why in _WHY_REFERENCE and not torch.compiler.is_compiling():
         x = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-        if x is not None and _kernel_backend_for(backend, x):
-            _warned.add(why)
-            warnings.warn(_WHY_REFERENCE[why], ReferencePathWarning, stacklevel=4)
+        seen = (why, None if x is None else x.device.type, backend)
+        if x is not None and seen not in _warned:  # asked once per reason, device and backend
+            _warned.add(seen)
+            if _kernel_backend_for(backend, x):
+                warnings.warn(_WHY_REFERENCE[why], ReferencePathWarning, stacklevel=4)
     return why
 
 

@@ -378,7 +378,8 @@ def _any_requires_grad(x: torch.Tensor, others) -> bool:
     return x.requires_grad or any(t is not None and t.requires_grad for t in others)
 
 
-def add_relu(a: torch.Tensor, b: torch.Tensor, *, backend: Union[str, "Backend", None] = None) -> torch.Tensor:
+def add_relu(a: torch.Tensor, b: torch.Tensor, *,
+             backend: Union[str, "Backend", None] = None) -> torch.Tensor:
     """relu(a + b) on the chosen backend."""
     from .backends import resolve
 
@@ -388,7 +389,8 @@ def add_relu(a: torch.Tensor, b: torch.Tensor, *, backend: Union[str, "Backend",
     return resolve(backend, a).add_relu(a, b)
 
 
-def add_relu_(a: torch.Tensor, b: torch.Tensor, *, backend: Union[str, "Backend", None] = None) -> torch.Tensor:
+def add_relu_(a: torch.Tensor, b: torch.Tensor, *,
+              backend: Union[str, "Backend", None] = None) -> torch.Tensor:
     """a <- relu(a + b) on the chosen backend; returns a. Records no autograd: for inputs that
     need gradients use :func:`add_relu`."""
     from .backends import resolve
