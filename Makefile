@@ -52,7 +52,7 @@ build-cuda: $(STAMP)
 	$(PY) -m resnet_fast.build
 
 kernel-report: $(STAMP)
-	$(PY) -m resnet_fast.report_kernels
+	$(PY) -m resnet_fast.kernel_report
 
 clean:
 	rm -rf $(VENV) .system-installed build dist *.egg-info .pytest_cache

@@ -75,14 +75,11 @@ def _estimator():
     column stays empty otherwise)."""
     import importlib
 
-    for mod in ("resnet_fast.report_kernels", "resnet_fast.kernel_report"):
-        try:
-            fn = getattr(importlib.import_module(mod), "estimate_layer_us", None)
-        except Exception:
-            continue
-        if callable(fn):
-            return fn
-    return None
+    try:
+        fn = getattr(importlib.import_module("resnet_fast.kernel_report"), "estimate_layer_us", None)
+    except Exception:
+        return None
+    return fn if callable(fn) else None
 
 
 def _estimate(est, layer_dict: dict, cfg: Config, peaks: dict, backend: str | None):

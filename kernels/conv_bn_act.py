@@ -300,9 +300,13 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
     return (n, cout, ho, wo), scalars, constexprs
 
 
+def _asked_config(config):
+    """The config a caller asked for: ``config``, else the one RESNET_FAST_TRITON_CONV_CONFIG names."""
+    return config if config is not None else (os.environ.get(CONFIG_ENV_VAR) or None)
+
+
 def _resolve_config(config):
-    if config is None:
-        config = os.environ.get(CONFIG_ENV_VAR) or None
+    config = _asked_config(config)
     if isinstance(config, str):
         configs = {**conv_configs(False), **conv_configs(True)}
         if config not in configs:
@@ -330,8 +334,7 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("out", out)):
         if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"{name} must be 4-D and channels_last-contiguous (NHWC / OHWI in memory)")
-    if config is None:
-        config = os.environ.get(CONFIG_ENV_VAR) or None
+    config = _asked_config(config)  # part of the launch key
     launch = _launch_for(x, weight, stride, padding, dilation, residual is not None, relu, pre_scale is not None,
                  config)
     if out is None:

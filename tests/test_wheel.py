@@ -154,12 +154,12 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
     assert rep_env["resnet_fast_path"] == str(site / "resnet_fast"), rep_env["resnet_fast_path"]
     assert rep_env["backends"]["cpu"]["fp32"]["auto"] == "torch"
 
-    help_text = _run([str(py), "-m", "resnet_fast.report_kernels", "--help"], cwd=work, env=env).stdout
+    help_text = _run([str(py), "-m", "resnet_fast.kernel_report", "--help"], cwd=work, env=env).stdout
     assert "--layers" in help_text and "--arch" in help_text
 
     # one layer, one backend, one config: the Triton ahead-of-time compile needs no GPU
     rep = work / "r.json"
-    out = _run([str(py), "-m", "resnet_fast.report_kernels", "--arch", "sm_90a", "--backend", "triton",
+    out = _run([str(py), "-m", "resnet_fast.kernel_report", "--arch", "sm_90a", "--backend", "triton",
                 "--triton-configs", "m128n128k64w8s4", "--model", "resnet18", "--batch", "8",
                 "--layers", r"layer2\.1\.conv1$", "--quiet", "--jobs", "1",
                 "--cubin-dir", str(work / "cubins"), "--json", str(rep)], cwd=work, env=env).stdout

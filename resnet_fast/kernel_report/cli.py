@@ -1,4 +1,4 @@
-"""``python -m resnet_fast.report_kernels``: the command line, the table, the JSON file."""
+"""``python -m resnet_fast.kernel_report``: the command line, the table, the JSON file."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _per_arch(value: Optional[str], what: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m resnet_fast.report_kernels",
+        prog="python -m resnet_fast.kernel_report",
         description="Compile every conv kernel of a model for sm_80 and sm_90a without a GPU and "
                     "report registers, spills, shared memory, tensor-core instructions, occupancy, "
                     "waves and a roofline estimate per layer.",

@@ -1,4 +1,4 @@
-"""The kernel report (resnet_fast.report_kernels): kernels compiled for sm_80 / sm_90a on the CPU,
+"""The kernel report (resnet_fast.kernel_report): kernels compiled for sm_80 / sm_90a on the CPU,
 figures read back from the cubins, and checks that can fail.
 
 Triton compiles run in spawned worker processes (this process's triton is in interpreter mode,
@@ -44,7 +44,7 @@ def _cuobjdump_resources(path: str) -> dict[str, dict[str, int]]:
 
 # --------------------------------------------------------------------------------------------
 # One config per distinct ResNet-50 layer, both arches, bf16 and fp16 (the full candidate set is
-# the command's job: python -m resnet_fast.report_kernels --check)
+# the command's job: python -m resnet_fast.kernel_report --check)
 # --------------------------------------------------------------------------------------------
 _reports: dict = {}
 
