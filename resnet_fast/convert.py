@@ -24,10 +24,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends, fx_fusion
-from . import plan
-from .modules import (BasicBlock, Bottleneck, ConvBNAct, FusedBlock, UnitState, conv_refusal,
-                      fusable_downsample, fused_conv, has_hooks, norm_kind, to_nhwc)
+from . import backends, fx_fusion, plan
+from .fusion_rules import has_hooks, why_not_torchvision_block, why_not_torchvision_pair
+from .modules import BasicBlock, Bottleneck, ConvBNAct, FusedBlock, UnitState, fused_conv, to_nhwc
 from .plan import FUSED_KINDS, FusedUnit, unit_of
 
 try:  # torchvision is the reference, not a runtime dependency
@@ -102,7 +101,7 @@ def _convert_torchvision(model: nn.Module, backend: Optional[str], problems: dic
             new_cls = _TV_BLOCKS.get(type(child))
             if new_cls is None:
                 continue
-            why = _why_not_block(child)
+            why = why_not_torchvision_block(child)
             if why:
                 problems[f"{parent_name}.{name}" if parent_name else name] = why
                 refused.add(child)
@@ -111,35 +110,10 @@ def _convert_torchvision(model: nn.Module, backend: Optional[str], problems: dic
             child._init_fused()
             child.backend = backends.validate_name(backend)
     # a stem the fast path cannot fuse is left to the graph-level converter, which says why
-    if _tv is not None and type(model) is _tv.ResNet and _why_not_pair(model, "conv1", "bn1") is None:
+    if _tv is not None and type(model) is _tv.ResNet and why_not_torchvision_pair(model, "conv1", "bn1") is None:
         model.__class__ = FusedResNet
         model._stem_unit = UnitState()
     return refused
-
-
-def _why_not_block(block: nn.Module) -> Optional[str]:
-    pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
-    if fusable_downsample(block.downsample) is not None:
-        pairs.append(("downsample.0", "downsample.1"))
-    for conv, bn in pairs:
-        why = _why_not_pair(block, conv, bn) if hasattr(block, conv) else None
-        if why:
-            return why
-    return None
-
-
-def _why_not_pair(m: nn.Module, conv: str, bn: str) -> Optional[str]:
-    """Why the fast path cannot fuse m's conv and BN (named as in m), or None: the rules of
-    the fused unit, as for the graph-level converter; and a BN with an activation of its own
-    does not fit torchvision's code."""
-    why = conv_refusal(m.get_submodule(conv))
-    if why:
-        return f"{conv}: {why}"
-    norm = m.get_submodule(bn)
-    relu, why = norm_kind(norm)
-    if relu is None or relu:
-        return f"{bn} is a {type(norm).__name__}, which " + (why or "applies an activation of its own")
-    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -209,7 +183,7 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
     "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
     (see FUSED_KINDS; empty when none); "reason" None, or why it is not (or not fully) fused;
     "runs_fused" whether the conv runs on resnet_fast's conv op in eval() (every fused conv,
-    and a stem with nothing to fuse: see fx_patterns.BARE_UNIT_MAX_CIN). Read off the model's
+    and a stem with nothing to fuse: see fusion_rules.BARE_UNIT_MAX_CIN). Read off the model's
     fusion plan (:func:`resnet_fast.plan.units`).
     """
     fused = {u.conv: u for u in plan.units(model)}

@@ -6,7 +6,7 @@ How a model is converted (:func:`convert_graphs`, called by :func:`resnet_fast.c
    layers, already converted modules and modules that do not trace stay calls; other children
    are traced through (*inlined*) when they are plain glue (no residual add of their own, e.g.
    a ``shortcut`` Sequential), so a pattern that crosses into them is seen whole.
-2. :func:`resnet_fast.fx_patterns.find_units` finds the units to fuse in the graph.
+2. :func:`resnet_fast.fusion_rules.find_units` finds the units to fuse in the graph.
 3. A module whose graph has a residual add (a *block*), or the model itself, is converted in
    place when it has units (:func:`install`): its class becomes a subclass of its own class
    whose ``forward`` runs the rewritten graph, which calls :func:`fused_unit` (hence
@@ -37,8 +37,8 @@ import torch
 from torch import fx, nn
 
 from . import ops
-from .fx_patterns import GraphMatches, find_units
-from .modules import UnitState, fused_conv, has_hooks, like_input, reference_reason, special_leaf
+from .fusion_rules import GraphMatches, find_units, has_hooks, special_leaf
+from .modules import UnitState, fused_conv, like_input, reference_reason
 from .plan import FusedUnit
 
 #: the attribute of a converted module that holds its FusedGraph (not a submodule: no state_dict)

@@ -10,7 +10,6 @@ unit's :class:`UnitState` holds one).
 
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Callable, Optional
 
@@ -20,6 +19,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import backends, ops
 from .fold import FoldCache
+from .fusion_rules import conv_refusal, fusable_downsample, has_hooks
 from .plan import FusedUnit, unit_of
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -192,67 +192,6 @@ def _same_signature(a: tuple, b: tuple) -> bool:
     return a[0] is b[0] and a[1:] == b[1:]
 
 
-# --------------------------------------------------------------------------------------
-# What the fused unit accepts (one set of rules for every converter)
-# --------------------------------------------------------------------------------------
-def has_hooks(m: nn.Module) -> bool:
-    """Whether calling m runs hooks: fusing it, or tracing through it, would skip them."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
-def _loaded_type(module: str, name: str):
-    # never import timm or torchvision for this: a model holding their layers already did
-    mod = sys.modules.get(module)
-    return getattr(mod, name, None)
-
-
-def _bn_act_type():
-    return _loaded_type("timm.layers", "BatchNormAct2d")
-
-
-def special_leaf(m: nn.Module) -> bool:
-    """Norm layers outside torch.nn that fused_conv folds (timm's BatchNormAct2d,
-    torchvision's FrozenBatchNorm2d): converters keep them whole."""
-    return type(m) in {_bn_act_type(), _loaded_type("torchvision.ops.misc", "FrozenBatchNorm2d")} - {None}
-
-
-def conv_refusal(m: nn.Module) -> Optional[str]:
-    """Why this conv cannot be fused_conv's conv, or None."""
-    if type(m) is not nn.Conv2d:
-        return f"{type(m).__name__} is not a plain nn.Conv2d (it has a forward of its own)"
-    if has_hooks(m):
-        return "it has hooks, which a fused op would skip"
-    if isinstance(m.padding, str):
-        return f"padding={m.padding!r} is not supported by the fused conv"
-    if m.padding_mode != "zeros":
-        return f"padding_mode={m.padding_mode!r} is not supported by the fused conv"
-    return None
-
-
-def norm_kind(m: nn.Module) -> tuple[Optional[bool], Optional[str]]:
-    """What a module next to a conv is, as far as fused_conv's ``bn``/``pre_bn`` go:
-    (applies_relu, None) for a BatchNorm it folds (applies_relu: timm's BatchNormAct2d with
-    its ReLU, which the caller must then fuse too); (None, why) for a norm it cannot fold,
-    ``why`` completing "a <Type>, which ..."; (None, None) for anything else."""
-    relu = False
-    if type(m) is _bn_act_type():
-        if type(m.drop) is not nn.Identity or type(m.act) not in (nn.Identity, nn.ReLU) \
-                or has_hooks(m.drop) or has_hooks(m.act):
-            return None, (f"applies {type(m.act).__name__}/{type(m.drop).__name__}, "
-                          "which the fused op cannot")
-        relu = type(m.act) is nn.ReLU
-    elif type(m) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not special_leaf(m):
-        if "norm" in type(m).__name__.lower():
-            return None, "cannot be folded into a conv"
-        return None, None
-    if has_hooks(m):
-        return None, "has hooks, which a fused op would skip"
-    if getattr(m, "running_mean", None) is None or getattr(m, "track_running_stats", True) is False:
-        return None, "does not track running statistics, so it cannot be folded"
-    return relu, None
-
-
 class ConvBNAct(nn.Module):
     """conv → [BatchNorm] → [+ residual] → [ReLU], one fused op in eval().
 
@@ -295,14 +234,6 @@ def like_input(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if y.dim() == 4 and x.dim() == 4 and not ops.is_nhwc(x) and ops.is_nhwc(y) and y.shape[1] > 1:
         return y.contiguous()
     return y
-
-
-def fusable_downsample(ds: Optional[nn.Module]):
-    """(conv, bn) when ds is the usual Sequential(conv1x1, BatchNorm), else None."""
-    if (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-            and norm_kind(ds[1]) == (False, None)):
-        return ds[0], ds[1]
-    return None
 
 
 # --------------------------------------------------------------------------------------

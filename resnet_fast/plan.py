@@ -1,7 +1,7 @@
 """The fusion plan of a converted model: one typed description of every conv that runs fused.
 
 The converters decide what fuses (the torchvision fast path in :mod:`resnet_fast.convert`, the
-graph converter in :mod:`resnet_fast.fx_patterns`); each module they convert describes the
+graph converter in :mod:`resnet_fast.fusion_rules`); each module they convert describes the
 units it runs as :class:`FusedUnit` values (its ``fused_units()``), and :func:`units` collects
 them for a whole model. Everything that needs to know what a converted model fuses reads this:
 ``fusion_summary``, the benchmark's per-layer section, the kernel report and the tests. Nothing

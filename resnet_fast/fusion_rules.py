@@ -1,4 +1,11 @@
-"""The patterns the graph-level converter fuses, found in the torch.fx graph of one module.
+"""What fuses: the one module that decides, for every converter.
+
+* What a fused unit accepts (:func:`conv_refusal`, :func:`norm_kind`, :func:`has_hooks`): the
+  rules both converters apply to a conv and to the norm next to it.
+* torchvision's blocks (:func:`why_not_torchvision_block`): the fast path of
+  :mod:`resnet_fast.convert`, which knows their structure and needs no tracing.
+* The patterns the graph-level converter fuses in the torch.fx graph of one module
+  (:func:`find_units`), described below.
 
 A *unit* is what one fused op computes (the contract of :func:`resnet_fast.ops.conv_bn_act`):
 
@@ -9,7 +16,7 @@ with ReLU written as ``nn.ReLU``, ``F.relu``, ``torch.relu`` or in place (``inpl
 BatchNorm that tracks running statistics (timm's ``BatchNormAct2d`` counts as BN + ReLU, and
 torchvision's ``FrozenBatchNorm2d`` as BN).
 
-This module only reads a graph and says what to fuse (:func:`find_units`); rewriting it is
+This module only reads modules and graphs and says what to fuse; rewriting a graph is
 :mod:`resnet_fast.fx_fusion`'s job. The rules that keep a rewrite exact:
 
 * A node joins a unit only when the value before it is read by that node alone: nothing else
@@ -27,11 +34,14 @@ This module only reads a graph and says what to fuse (:func:`find_units`); rewri
   :data:`BARE_UNIT_MAX_CIN` channels: an image stem with no BN after it (pre-activation
   ResNets), which cuDNN's channels_last kernels run poorly and the fused kernels' narrow-input
   path does not. Its summary row still says nothing was fused.
+* ``relu(a + b)`` that no unit takes is a :class:`Join`, one add_relu op, under the same
+  rules (the sum read by the ReLU alone, an in-place add's destination read by nothing else).
 """
 
 from __future__ import annotations
 
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -39,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .modules import conv_refusal, has_hooks, norm_kind, special_leaf
 from .plan import FusedUnit, unit_of
 
 Node = fx.Node
@@ -47,6 +56,105 @@ Node = fx.Node
 #: a conv with nothing to fuse still becomes a unit (runs on the fused op) when it reads fewer
 #: channels than this: an image stem (see the module doc)
 BARE_UNIT_MAX_CIN = 8
+
+
+# --------------------------------------------------------------------------------------
+# What a fused unit accepts (one set of rules for every converter)
+# --------------------------------------------------------------------------------------
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling m runs hooks: fusing it, or tracing through it, would skip them."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _loaded_type(module: str, name: str):
+    # never import timm or torchvision for this: a model holding their layers already did
+    mod = sys.modules.get(module)
+    return getattr(mod, name, None)
+
+
+def _bn_act_type():
+    return _loaded_type("timm.layers", "BatchNormAct2d")
+
+
+def special_leaf(m: nn.Module) -> bool:
+    """Norm layers outside torch.nn that fused_conv folds (timm's BatchNormAct2d,
+    torchvision's FrozenBatchNorm2d): converters keep them whole."""
+    return type(m) in {_bn_act_type(), _loaded_type("torchvision.ops.misc", "FrozenBatchNorm2d")} - {None}
+
+
+def conv_refusal(m: nn.Module) -> Optional[str]:
+    """Why this conv cannot be fused_conv's conv, or None."""
+    if type(m) is not nn.Conv2d:
+        return f"{type(m).__name__} is not a plain nn.Conv2d (it has a forward of its own)"
+    if has_hooks(m):
+        return "it has hooks, which a fused op would skip"
+    if isinstance(m.padding, str):
+        return f"padding={m.padding!r} is not supported by the fused conv"
+    if m.padding_mode != "zeros":
+        return f"padding_mode={m.padding_mode!r} is not supported by the fused conv"
+    return None
+
+
+def norm_kind(m: nn.Module) -> tuple[Optional[bool], Optional[str]]:
+    """What a module next to a conv is, as far as fused_conv's ``bn``/``pre_bn`` go:
+    (applies_relu, None) for a BatchNorm it folds (applies_relu: timm's BatchNormAct2d with
+    its ReLU, which the caller must then fuse too); (None, why) for a norm it cannot fold,
+    ``why`` completing "a <Type>, which ..."; (None, None) for anything else."""
+    relu = False
+    if type(m) is _bn_act_type():
+        if type(m.drop) is not nn.Identity or type(m.act) not in (nn.Identity, nn.ReLU) \
+                or has_hooks(m.drop) or has_hooks(m.act):
+            return None, (f"applies {type(m.act).__name__}/{type(m.drop).__name__}, "
+                          "which the fused op cannot")
+        relu = type(m.act) is nn.ReLU
+    elif type(m) not in (nn.BatchNorm2d, nn.SyncBatchNorm) and not special_leaf(m):
+        if "norm" in type(m).__name__.lower():
+            return None, "cannot be folded into a conv"
+        return None, None
+    if has_hooks(m):
+        return None, "has hooks, which a fused op would skip"
+    if getattr(m, "running_mean", None) is None or getattr(m, "track_running_stats", True) is False:
+        return None, "does not track running statistics, so it cannot be folded"
+    return relu, None
+
+
+def fusable_downsample(ds: Optional[nn.Module]):
+    """(conv, bn) when ds is the usual Sequential(conv1x1, BatchNorm), else None."""
+    if (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
+            and norm_kind(ds[1]) == (False, None)):
+        return ds[0], ds[1]
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# torchvision's blocks (the fast path)
+# --------------------------------------------------------------------------------------
+def why_not_torchvision_block(block: nn.Module) -> Optional[str]:
+    """Why the torchvision fast path cannot fuse this BasicBlock/Bottleneck, or None."""
+    pairs = [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    if fusable_downsample(block.downsample) is not None:
+        pairs.append(("downsample.0", "downsample.1"))
+    for conv, bn in pairs:
+        why = why_not_torchvision_pair(block, conv, bn) if hasattr(block, conv) else None
+        if why:
+            return why
+    return None
+
+
+def why_not_torchvision_pair(m: nn.Module, conv: str, bn: str) -> Optional[str]:
+    """Why the fast path cannot fuse m's conv and BN (named as in m), or None: the rules of
+    the fused unit, as for the graph-level converter; and a BN with an activation of its own
+    does not fit torchvision's code."""
+    why = conv_refusal(m.get_submodule(conv))
+    if why:
+        return f"{conv}: {why}"
+    norm = m.get_submodule(bn)
+    relu, why = norm_kind(norm)
+    if relu is None or relu:
+        return f"{bn} is a {type(norm).__name__}, which " + (why or "applies an activation of its own")
+    return None
+
 
 # --------------------------------------------------------------------------------------
 # What a node is
