@@ -114,7 +114,7 @@ def prepare_backends(asked: list, device: torch.device, dtype: torch.dtype, inte
             if name == "triton" and interp_late and ok:
                 ok, why = False, interp_late
             if ok:
-                ok, why = rb.get(name).prepare(device)
+                ok, why = rb.ready(name, device, dtype)
             status[name] = {"available": bool(ok), "reason": why or "", "requested": name in asked}
     return status
 

@@ -312,3 +312,10 @@ def test_prepare_builds_once_and_remembers_a_failure(monkeypatch):
     ok_be = cuda_backend.CudaBackend()
     monkeypatch.setattr(ok_be, "_load", lambda: setattr(ok_be, "_ops", ("conv", "add", "add_")))
     assert ok_be.prepare(torch.device("cuda")) == (True, "")
+
+
+def test_ready_is_available_then_prepare():
+    from resnet_fast import backends
+    assert backends.ready("torch", torch.device("cpu"), torch.float32) == (True, "")
+    ok, why = backends.ready("cuda", torch.device("cpu"), torch.float16)
+    assert not ok and "CUDA devices only" in why

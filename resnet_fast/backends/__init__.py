@@ -100,6 +100,18 @@ def available(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool
         return False, f"{type(e).__name__}: {e}"
 
 
+def ready(name: str, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """:func:`available`, then the backend's prepare step (which may build: the cuda backend
+    compiles its extension once per machine); what resolve() asks of the backend it picks."""
+    ok, why = available(name, device, dtype)
+    if ok:
+        try:
+            ok, why = get(name).prepare(torch.device(device))
+        except Exception as e:  # noqa: BLE001 - reported, like a failed import
+            ok, why = False, f"{type(e).__name__}: {e}"
+    return ok, why
+
+
 def _takers(x: torch.Tensor, weight, groups: int, pre: bool, skip: Optional[str] = None):
     """Walk AUTO_ORDER: (name, ok, why) for each backend but ``skip``, ok when it is available
     for x, supports the call and is ready (prepare: the one step that may build)."""

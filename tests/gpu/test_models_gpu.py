@@ -22,7 +22,7 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 3e-4}
 
 
 def _skip_unless(backend, dtype):
-    ok, why = backends.available(backend, torch.device("cuda"), dtype)
+    ok, why = backends.ready(backend, torch.device("cuda"), dtype)  # builds the extension once
     if not ok:
         pytest.skip(f"{backend} cannot run {dtype}: {why}")
 
