@@ -144,13 +144,11 @@ def _module_tensors(m: Optional[nn.Module]) -> Optional[list]:
     return out
 
 
-def _cache_key(tensors: Optional[list]):
+def _cache_key(tensors: list):
     """(storage address, version counter) of each tensor, flat; None when one of them cannot be
     cached (inference tensors carry no version counter). Identity is checked apart, and the
     cache pins the storages it folded from, so an address seen here again is the same storage:
     dtype or device changes always show as a new address."""
-    if tensors is None:
-        return None
     key = []
     try:
         for t in tensors:
