@@ -33,6 +33,7 @@ M=tests/gpu/test_models_gpu.py
   done
   group cuda tests/gpu/test_cuda_gpu.py &
   group models_cuda "$M" -k "cuda and not triton" &
+  group ops_autograd tests/gpu/test_ops_autograd_gpu.py &  # backward, add_relu joins, fused AdamW
   wait
 ) &
 group triton tests/gpu/test_triton_gpu.py &
@@ -54,7 +55,7 @@ wait
 } >"$OUT/sanitizer.log" 2>&1
 grep '^\[sanitizer' "$OUT/sanitizer.log" >>"$LOGS/summary"
 
-for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact cuda models_cuda; do
+for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact ops_autograd cuda models_cuda; do
   echo "=================== $f"; cat "$LOGS/$f.log" 2>/dev/null
 done >"$OUT/gpu_tests.log"
 echo "=== summary"; cat "$LOGS/summary"
