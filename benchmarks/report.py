@@ -110,11 +110,9 @@ def prepare_backends(asked: list, device: torch.device, dtype: torch.dtype, inte
     status = {}
     with progress.step("backend availability and preparation"):
         for name in ALL_BACKENDS:
-            ok, why = rb.available(name, device, dtype) if name in asked else (False, "not requested")
+            ok, why = rb.ready(name, device, dtype) if name in asked else (False, "not requested")
             if name == "triton" and interp_late and ok:
                 ok, why = False, interp_late
-            if ok:
-                ok, why = rb.ready(name, device, dtype)
             status[name] = {"available": bool(ok), "reason": why or "", "requested": name in asked}
     return status
 
