@@ -37,6 +37,7 @@ import triton.language as tl
 
 # absolute imports: the kernel report loads this file again under a private name (to compile
 # its kernels outside the interpreter), where a relative import has no package to resolve in
+from resnet_fast.kernels.batch_norm import empty_partials, merge_partials, tile_mean_m2
 from resnet_fast.kernels.indexing import needs_int64_index
 from resnet_fast.ops import conv_output_hw
 
@@ -119,14 +120,14 @@ def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED: tl.cons
 
 @triton.jit
 def conv_bn_act_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, pre_scale_ptr, pre_bias_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, pre_scale_ptr, pre_bias_ptr, y_ptr, part_mean_ptr, part_m2_ptr,
     M, H, W, Cin, Ho, Wo, Cout,
     M_BUCKET,  # not read: an autotuning key, M rounded up so that each layer shape tunes once
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_PRE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_PRE: tl.constexpr, STATS: tl.constexpr,
     SMALL_CIN: tl.constexpr, INT64_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -223,7 +224,15 @@ def conv_bn_act_kernel(
         acc += tl.load(res_ptr + y_offs, mask=y_ok, other=0.0).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_ok)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_offs, y, mask=y_ok)
+    if STATS:
+        # Training: this tile's (mean, M2) per channel of y as stored (rounded), the statistics
+        # the next layer normalizes exactly this tensor with; merged by batch_norm.merge_partials
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean, m2 = tile_mean_m2(y.to(tl.float32), m_ok[:, None], count)
+        tl.store(part_mean_ptr + pid_m * Cout + offs_n, mean, mask=n_ok)
+        tl.store(part_m2_ptr + pid_m * Cout + offs_n, m2, mask=n_ok)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -267,7 +276,8 @@ def _autotuned(configs):
     # cache_results keeps the choice on disk across processes where triton supports it.
     extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
     return triton.autotune(configs=list(configs.values()),
-                           key=["Cin", "Cout", "KH", "KW", "STRIDE_H", "M_BUCKET"],
+                           # STATS: the statistics epilogue changes what fits in registers
+                           key=["Cin", "Cout", "KH", "KW", "STRIDE_H", "M_BUCKET", "STATS"],
                            prune_configs_by={"early_config_prune": prune_configs},
                            **extra)(conv_bn_act_kernel)
 
@@ -279,7 +289,7 @@ _tuned_kernels = None if INTERPRET else {small: _autotuned(conv_configs(small)) 
 _TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual, relu, pre):
+def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual, relu, pre, stats=False):
     """The scalar and constexpr kernel arguments of one layer (shared by the launcher and the
     ahead-of-time compile spec, so the report compiles exactly what runs)."""
     n, cin, h, w = x_shape
@@ -294,7 +304,7 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
     constexprs = dict(
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], HAS_RESIDUAL=residual, RELU=relu, HAS_PRE=pre,
-        SMALL_CIN=cin < SMALL_CIN, INT64_OFFSETS=int64_offsets,
+        STATS=stats, SMALL_CIN=cin < SMALL_CIN, INT64_OFFSETS=int64_offsets,
         INPUT_PRECISION=input_precision(dtype),
     )
     return (n, cout, ho, wo), scalars, constexprs
@@ -329,6 +339,37 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
     triton.Config or a name from :func:`conv_configs`) skips autotuning; so does setting
     RESNET_FAST_TRITON_CONV_CONFIG to a name.
     """
+    out, _ = _run(x, weight, bias, stride, padding, dilation, residual, relu, pre_scale, pre_bias,
+                  out=out, config=config, stats=False)
+    return out
+
+
+def conv_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation,
+               pre_scale: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None, *,
+               config: triton.Config | str | None = None):
+    """The training conv: (y, mean, var) with y = conv(pre(x), weight) + bias (no activation) and
+    the batch mean and biased variance of y per output channel (fp32), from per-tile partials the
+    epilogue writes and one merge kernel (see kernels/batch_norm.py). Arguments as conv_bn_act."""
+    y, launch = _run(x, weight, bias, stride, padding, dilation, None, False, pre_scale, pre_bias,
+                     out=None, config=config, stats=True)
+    m, cout = launch.scalars["M"], launch.scalars["Cout"]
+    if m == 0:
+        nan = torch.full((cout,), float("nan"), dtype=torch.float32, device=x.device)
+        return y, nan, nan.clone()
+    rows_per_tile = launch.config.kwargs["BLOCK_M"]
+    mean, var = merge_partials(launch.partials[0], launch.partials[1], triton.cdiv(m, rows_per_tile),
+                               m, rows_per_tile)
+    launch.partials = None
+    return y, mean, var
+
+
+#: the smallest BLOCK_M of any config: the most tiles a layer's statistics can have
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [INTERPRETER_CONFIG, *conv_configs(False).values(),
+                                                   *conv_configs(True).values()])
+
+
+def _run(x, weight, bias, stride, padding, dilation, residual, relu, pre_scale, pre_bias, *,
+         out, config, stats: bool):
     if x.dtype not in _TORCH_TO_TRITON:
         raise TypeError(f"the Triton conv takes float16, bfloat16 or float32, not {x.dtype}")
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("out", out)):
@@ -336,41 +377,51 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
             raise ValueError(f"{name} must be 4-D and channels_last-contiguous (NHWC / OHWI in memory)")
     config = _asked_config(config)  # part of the launch key
     launch = _launch_for(x, weight, stride, padding, dilation, residual is not None, relu, pre_scale is not None,
-                 config)
+                         stats, config)
     if out is None:
         out = torch.empty(launch.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     elif out.shape != launch.out_shape or out.dtype != x.dtype:
         raise ValueError(f"out must be a {x.dtype} tensor of shape {launch.out_shape}, "
                          f"got {out.dtype} {tuple(out.shape)}")
     if out.numel() == 0:
-        return out
+        return out, launch
+    part_mean = part_m2 = None
+    if stats:  # room for the most tiles any config makes; the merge reads those the launch wrote
+        part_mean, part_m2 = empty_partials(triton.cdiv(launch.scalars["M"], _MIN_BLOCK_M),
+                                            launch.scalars["Cout"], x.device)
+        launch.partials = (part_mean, part_m2)
     if launch.kwargs is not None:  # config known: straight to the kernel
-        conv_bn_act_kernel[launch.grid](x, weight, bias, residual, pre_scale, pre_bias, out, **launch.kwargs)
-        return out
+        conv_bn_act_kernel[launch.grid](x, weight, bias, residual, pre_scale, pre_bias, out,
+                                        part_mean, part_m2, **launch.kwargs)
+        return out, launch
     # First launch of this layer without a fixed config: the autotuner picks one (or finds its
     # earlier pick), and the launch keeps it so later launches skip the autotuner's per-call work.
+    # (The autotuner's final run is with the config it picked, so the partials are that config's.)
     tuner = _tuned_kernels[launch.constexprs["SMALL_CIN"]]
     start = time.perf_counter()
-    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, **launch.scalars, **launch.constexprs)
+    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, part_mean, part_m2,
+                          **launch.scalars, **launch.constexprs)
     launch.set_config(tuner.best_config)
     # a first forward autotunes every new layer shape (seconds each): say so, one line a layer
-    _log.info("resnet_fast: Triton conv %s->%s %sx%s/s%s on %s %s tuned in %.1f s (%s)",
+    _log.info("resnet_fast: Triton conv %s->%s %sx%s/s%s on %s %s%s tuned in %.1f s (%s)",
               x.shape[1], weight.shape[0], weight.shape[2], weight.shape[3], stride[0],
               "x".join(map(str, x.shape[2:])), str(x.dtype).replace("torch.", ""),
-              time.perf_counter() - start, config_name(tuner.best_config))
-    return out
+              " with statistics" if stats else "", time.perf_counter() - start,
+              config_name(tuner.best_config))
+    return out, launch
 
 
 class _Launch:
     """What one layer's launches share: output shape, kernel arguments other than the tensors,
     and, once known, the config and grid. Keyed by everything it is derived from."""
 
-    __slots__ = ("out_shape", "scalars", "constexprs", "config", "kwargs", "grid")
+    __slots__ = ("out_shape", "scalars", "constexprs", "config", "kwargs", "grid", "partials")
 
     def __init__(self, out_shape, scalars, constexprs, config):
         self.out_shape = torch.Size(out_shape)
         self.scalars, self.constexprs = scalars, constexprs
         self.config = self.kwargs = self.grid = None
+        self.partials = None  # the statistics buffers of the launch in flight (conv_stats)
         if config is not None:
             self.set_config(config)
 
@@ -386,15 +437,17 @@ class _Launch:
 _launches: dict = {}
 
 
-def _launch_for(x, weight, stride, padding, dilation, residual: bool, relu: bool, pre: bool, config) -> _Launch:
+def _launch_for(x, weight, stride, padding, dilation, residual: bool, relu: bool, pre: bool, stats: bool,
+                config) -> _Launch:
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     # input_precision reads torch's TF32 switch at every call: it is part of the key
     key = (tuple(x.shape), tuple(weight.shape), stride, padding, dilation, x.dtype, residual, relu, pre,
-           input_precision(x.dtype), config if config is None or isinstance(config, str) else id(config))
+           stats, input_precision(x.dtype), config if config is None or isinstance(config, str) else id(config))
     launch = _launches.get(key)
     if launch is None:
         out_shape, scalars, constexprs = _layer_args(tuple(x.shape), tuple(weight.shape), stride, padding,
-                                                     dilation, x.dtype, residual=residual, relu=relu, pre=pre)
+                                                     dilation, x.dtype, residual=residual, relu=relu, pre=pre,
+                                                     stats=stats)
         launch = _Launch(out_shape, scalars, constexprs, _resolve_config(config))
         if config is None or isinstance(config, str):  # a Config object may be a one-off: not kept
             if len(_launches) >= _MAX_LAUNCHES:
@@ -412,17 +465,17 @@ def chosen_configs() -> list[dict]:
     reports, so that a timing can be read together with the tile that produced it."""
     out = []
     for key, launch in _launches.items():
-        x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, precision, _ = key
+        x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, stats, precision, _ = key
         cfg = None if launch.config is None else config_name(launch.config)
         out.append({"x": list(x_shape), "weight": list(w_shape), "stride": list(stride),
                     "padding": list(padding), "dilation": list(dilation),
                     "dtype": str(dtype).replace("torch.", ""), "residual": residual, "relu": relu,
-                    "pre": pre, "input_precision": precision, "config": cfg})
+                    "pre": pre, "stats": stats, "input_precision": precision, "config": cfg})
     return out
 
 
 def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), padding=(0, 0),
-                      dilation=(1, 1), *, residual=False, relu=True, pre=False,
+                      dilation=(1, 1), *, residual=False, relu=True, pre=False, stats=False,
                       config: triton.Config | str) -> dict:
     """What ``triton.compile`` needs to build one layer's kernel ahead of time, no GPU required::
 
@@ -439,12 +492,13 @@ def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), paddi
     config = _resolve_config(config)
     _, scalars, constexprs = _layer_args(
         tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
-        residual=residual, relu=relu, pre=pre)
+        residual=residual, relu=relu, pre=pre, stats=stats)
     constexprs.update(config.kwargs)
     elem = "*" + _TORCH_TO_TRITON[dtype]
     pointers = dict(x_ptr=elem, w_ptr=elem, bias_ptr="*fp32", res_ptr=elem if residual else None,
                     pre_scale_ptr="*fp32" if pre else None, pre_bias_ptr="*fp32" if pre else None,
-                    y_ptr=elem)
+                    y_ptr=elem, part_mean_ptr="*fp32" if stats else None,
+                    part_m2_ptr="*fp32" if stats else None)
     fn = conv_bn_act_kernel
     signature, attrs = {}, {}
     for name in fn.arg_names:

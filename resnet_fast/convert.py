@@ -10,9 +10,10 @@
   user-written blocks, blocks without BN, plain and pre-activation blocks, timm models.
 
 ``state_dict`` keys, order and tensors stay exactly the same, and the model is converted in
-place (``convert(model) is model``). The fused kernels run in eval() without autograd; train(),
-autograd and autocast run the original math (a :class:`ReferencePathWarning` says so once where a
-kernel backend was passed over). Modules it cannot convert are left as they are and named,
+place (``convert(model) is model``). eval() without autograd runs the fused kernels with folded
+weights; train(), autograd and autocast run the training ops (:mod:`resnet_fast.training`:
+batch statistics in the conv epilogue, BN+ReLU in the next conv's prologue, one block-tail pass,
+torch's BatchNorm semantics and gradients). Modules it cannot convert are left as they are and named,
 with the reason, in one warning; ``fusion_summary(model)`` says what happened to every conv.
 """
 
@@ -171,20 +172,24 @@ class FusionSummary(list):
 
     def __str__(self) -> str:
         w = max([len(r["name"]) for r in self] + [4])
-        lines = [f"{'conv':<{w}}  {'fused':<28}  reason", f"{'-' * w}  {'-' * 28}  ------"]
+        t = max([len(r["training"] or "-") for r in self] + [8])
+        lines = [f"{'conv':<{w}}  {'fused':<28}  {'training':<{t}}  reason",
+                 f"{'-' * w}  {'-' * 28}  {'-' * t}  ------"]
         for r in self:
-            lines.append(f"{r['name']:<{w}}  {'+'.join(r['fused']) or '-':<28}  {r['reason'] or ''}")
+            lines.append(f"{r['name']:<{w}}  {'+'.join(r['fused']) or '-':<28}  "
+                         f"{r['training'] or '-':<{t}}  {r['reason'] or ''}")
         return "\n".join(lines)
 
 
 def fusion_summary(model: nn.Module) -> FusionSummary:
-    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused"}.
+    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused", "training"}.
 
     "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
     (see FUSED_KINDS; empty when none); "reason" None, or why it is not (or not fully) fused;
     "runs_fused" whether the conv runs on resnet_fast's conv op in eval() (every fused conv,
-    and a stem with nothing to fuse: see fusion_rules.BARE_UNIT_MAX_CIN). Read off the model's
-    fusion plan (:func:`resnet_fast.plan.units`).
+    and a stem with nothing to fuse: see fusion_rules.BARE_UNIT_MAX_CIN); "training" what a
+    train() forward runs for it, in words (:func:`resnet_fast.plan.training_dataflow`; None where
+    it runs unfused). Read off the model's fusion plan (:func:`resnet_fast.plan.units`).
     """
     fused = {u.conv: u for u in plan.units(model)}
     reasons = plan.reasons(model)
@@ -198,7 +203,9 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
         reason = reasons.get(name)
         if not kinds and reason is None:
             reason = _nearest_note(notes, name) or "not part of a recognised conv pattern"
-        out.append({"name": name, "fused": kinds, "reason": reason, "runs_fused": unit is not None})
+        train = plan.training_dataflow(unit, model) if unit is not None else None
+        out.append({"name": name, "fused": kinds, "reason": reason, "runs_fused": unit is not None,
+                    "training": train})
     return out
 
 

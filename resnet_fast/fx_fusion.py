@@ -190,20 +190,25 @@ def _drop_identities(graph: fx.Graph, modules) -> None:
 # --------------------------------------------------------------------------------------
 # The rewritten graph and what it calls
 # --------------------------------------------------------------------------------------
-def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, relu: bool, like):
+def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, relu: bool, like,
+               shared=None):
     """One unit of a rewritten graph: act(bn(conv(pre(x))) [+ residual]) via fused_conv.
 
     ``like``: the graph's input when the result leaves the fused ops (goes to any other
     op): it gets that input's memory format back, as the original conv's output would have.
+    ``shared``: the forward's dict of pre-activations already computed (a pre-activation BN
+    read by two convs, a projection shortcut and the main path, updates its running
+    statistics once per forward, as the original does).
     """
     unit_state = state.unit_states[key]
     if residual is not None and not _fits(x, residual, conv):
         # a residual that broadcasts or has another dtype: the add stays outside the op
-        y = fused_conv(x, conv, bn, unit_state, relu=False, pre_bn=pre_bn, backend=state.backend) + residual
+        y = fused_conv(x, conv, bn, unit_state, relu=False, pre_bn=pre_bn, backend=state.backend,
+                       shared=shared) + residual
         y = torch.relu(y) if relu else y
     else:
         y = fused_conv(x, conv, bn, unit_state, relu=relu, residual=residual, pre_bn=pre_bn,
-                       backend=state.backend)
+                       backend=state.backend, shared=shared)
     return like_input(y, like) if isinstance(like, torch.Tensor) else y
 
 
@@ -235,6 +240,10 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
     anchor = placeholders[-1] if placeholders else None
     with graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(None):
         state = graph.get_attr(STATE_ATTR)
+    shared = None
+    if any(u.pre is not None for u in matches.units):
+        with graph.inserting_after(state):
+            shared = graph.call_function(dict, ())  # one per forward: see fused_unit
     first_input = placeholders[0] if placeholders else None
 
     units, calls, dead = [], [], []
@@ -244,7 +253,8 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
             nodes = (u.conv, u.bn.node if u.bn else None, u.pre.norm.node if u.pre else None)
             conv, bn, pre_bn = (graph.get_attr(n.target) if n is not None else None for n in nodes)
             call = graph.call_function(fused_unit, (state, key), dict(
-                x=u.x, residual=u.residual, conv=conv, bn=bn, pre_bn=pre_bn, relu=u.relu, like=None))
+                x=u.x, residual=u.residual, conv=conv, bn=bn, pre_bn=pre_bn, relu=u.relu, like=None,
+                **({"shared": shared} if u.pre is not None else {})))
         u.out.replace_all_uses_with(call)
         for n in reversed(u.nodes):
             graph.erase_node(n)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from . import backends, ops
+from . import backends, ops, training
 from .fold import FoldCache
 from .fusion_rules import conv_refusal, fusable_downsample, has_hooks
 from .plan import FusedUnit, unit_of
@@ -29,13 +29,10 @@ _BN = nn.modules.batchnorm._BatchNorm
 # The fused unit (the one piece of code every converted module runs its convs through)
 # --------------------------------------------------------------------------------------
 def _needs_reference(tensors, modules) -> Optional[str]:
-    """Why a call on ``tensors`` through ``modules`` must run the exact reference math instead
-    of the fused kernels, or None. ``modules``: every module the fused path would not call
-    (their hooks, and global module hooks, would not fire). Non-tensors (and None) among
-    ``tensors`` are ignored."""
-    for m in modules:
-        if m is not None and m.training:
-            return "train mode"
+    """Why a call on ``tensors`` through ``modules`` must run the modules' own forward instead
+    of the fused ops, or None. ``modules``: every module the fused path would not call (their
+    hooks, and global module hooks, would not fire). Non-tensors (and None) among ``tensors``
+    are ignored. (train(), autograd and autocast run fused too: :mod:`resnet_fast.training`.)"""
     for m in modules:
         if m is not None and has_hooks(m):
             return "hooks"
@@ -45,20 +42,8 @@ def _needs_reference(tensors, modules) -> Optional[str]:
         # the trace records the modules' own ops on their live parameters, the same graph
         # whatever the grad mode, so the trace checker's rerun matches and nothing is frozen
         return "jit trace"
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if torch.is_grad_enabled():
-        if any(t.requires_grad for t in tensors):
-            return "autograd"
-        for m in modules:
-            if m is not None and any(p.requires_grad for p in m.parameters(recurse=False)):
-                return "autograd"
-    if tensors:
-        dev = tensors[0].device.type
-        # meta (shape inference) has no autocast state to ask; is_autocast_available() would
-        # say so for any device, but dynamo (torch 2.11) cannot trace it: a fullgraph compile of
-        # a converted model broke on it on an H100 (2026-11-25)
-        if dev != "meta" and torch.is_autocast_enabled(dev):
-            return "autocast"
+    if not training.ENABLED:
+        return training.reason(tensors, modules)
     return None
 
 
@@ -68,11 +53,6 @@ class ReferencePathWarning(UserWarning):
 
 
 _WHY_REFERENCE = {
-    "autograd": ("resnet_fast: eval() forward with autograd enabled runs the reference math so "
-                 "gradients are exact; wrap inference in torch.no_grad() or torch.inference_mode() "
-                 "to run the fused kernels"),
-    "autocast": ("resnet_fast: forward under autocast runs the reference math; cast the model "
-                 "with .half()/.bfloat16() instead to run the fused kernels"),
     "global hooks": ("resnet_fast: global module hooks are registered "
                      "(torch.nn.modules.module.register_module_forward_hook and the like), which "
                      "the fused path would skip: converted models run the reference math while "
@@ -136,12 +116,14 @@ class UnitState:
 
 def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], state: UnitState, *,
                relu: bool, residual: Optional[torch.Tensor] = None, pre_bn: Optional[_BN] = None,
-               backend=None) -> torch.Tensor:
+               backend=None, shared: Optional[dict] = None) -> torch.Tensor:
     """act(bn(conv(pre(x))) [+ residual]) with pre(x) = relu(pre_bn(x)) when pre_bn is given.
+    ``shared``: a per-forward dict in which training keeps pre-activations computed once
+    (see fx_fusion.fused_unit).
 
-    eval(): one fused op on the backend with folded weights. Otherwise (see _needs_reference,
-    hooks on the modules included): the modules' own forward, so BatchNorm's training
-    semantics, autograd and hooks are exactly torch's.
+    eval() without autograd: one fused op on the backend with folded weights (cached). train(),
+    autograd or autocast: the training ops (:func:`resnet_fast.training.unit_forward`). Hooks on
+    the modules (see _needs_reference): the modules' own forward, so hooks fire as in torch.
     """
     if reference_reason((x, residual), (conv, bn, pre_bn), backend) is not None:
         if pre_bn is not None:
@@ -152,17 +134,12 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], state: UnitS
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
+    if training.reason((x, residual), (conv, bn, pre_bn)) is not None:
+        _check_input(x, conv)
+        return training.unit_forward(x, conv, bn, relu=relu, residual=residual, pre_bn=pre_bn,
+                                     backend=backend, state=state, shared=shared)
 
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
-                         f"{tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point input, got {x.dtype}")
-    if x.dtype != conv.weight.dtype:
-        raise TypeError(f"input dtype {x.dtype} does not match the module's {conv.weight.dtype}; "
-                        f"cast one of them (e.g. model.to({x.dtype}))")
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv")
+    _check_input(x, conv)
     be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups, pre=pre_bn is not None)
     w, b, pre_scale, pre_bias = state.fold.get(conv, bn, pre_bn, x.dtype, be)
     if be.requires_nhwc:
@@ -185,6 +162,20 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], state: UnitS
             state.checked = (sig, out_shape)
     return ops.run_checked_conv_bn_act(be, out_shape, x, w, b, stride, padding, dilation, conv.groups,
                                        residual, relu, pre_scale, pre_bias)
+
+
+def _check_input(x: torch.Tensor, conv: nn.Conv2d) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype}")
+    # under autocast the conv runs in autocast's dtype whatever x's, as torch's conv does
+    if x.dtype != conv.weight.dtype and not training.autocasting(x):
+        raise TypeError(f"input dtype {x.dtype} does not match the module's {conv.weight.dtype}; "
+                        f"cast one of them (e.g. model.to({x.dtype}))")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv")
 
 
 def _same_signature(a: tuple, b: tuple) -> bool:
@@ -272,11 +263,16 @@ class FusedBlock(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if reference_reason((x,), self._skipped_modules(), self.backend) is not None:
+        skipped = self._skipped_modules()
+        if reference_reason((x,), skipped, self.backend) is not None:
             return self._reference_forward(x)
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of "
                              f"shape {tuple(x.shape)}")
+        if training.reason((x,), skipped) is not None:
+            _check_input(x, getattr(self, self._units[0][0]))
+            out = training.block_forward(self, x, fusable_downsample(self.downsample))
+            return like_input(out, x)
         entry = x
         be = backends.resolve(self.backend, x, weight=getattr(self, self._units[0][0]).weight,
                               groups=getattr(self, self._units[0][0]).groups)
@@ -303,11 +299,13 @@ class FusedBlock(nn.Module):
         """The units this block runs (see resnet_fast.plan): its main-path convs, the last with
         the residual, and a fusable downsample."""
         mods = self._modules
-        out = [unit_of(c, mods[c], b, relu=True, residual=i == len(self._units) - 1)
+        last = len(self._units) - 1
+        out = [unit_of(c, mods[c], b, relu=True, residual=i == last,
+                       train_apply="tail" if i == last else "prologue")
                for i, (c, b) in enumerate(self._units)]
         ds = fusable_downsample(mods.get("downsample"))
         if ds is not None:
-            out.append(unit_of("downsample.0", ds[0], "downsample.1"))
+            out.append(unit_of("downsample.0", ds[0], "downsample.1", train_apply="tail"))
         return out
 
     @classmethod

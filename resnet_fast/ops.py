@@ -88,19 +88,24 @@ def check_tensor_args(op: str, required: dict, optional: dict = {}) -> None:  # 
             raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
 
 
-def _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias) -> None:
-    check_tensor_args("conv_bn_act", {"x": x, "weight": weight, "bias": bias},
-                      {"residual": residual, "pre_scale": pre_scale, "pre_bias": pre_bias})
+def _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias, bias_optional=False) -> None:
+    required = {"x": x, "weight": weight} if bias_optional else {"x": x, "weight": weight, "bias": bias}
+    optional = {"residual": residual, "pre_scale": pre_scale, "pre_bias": pre_bias}
+    if bias_optional:
+        optional["bias"] = bias
+    check_tensor_args("conv_bn_act", required, optional)
 
 
 def check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups, residual,
-                           pre_scale, pre_bias, *, require_nhwc: bool) -> tuple[int, int, int, int]:
+                           pre_scale, pre_bias, *, require_nhwc: bool,
+                           bias_optional: bool = False) -> tuple[int, int, int, int]:
     """Validate one call of conv_bn_act; returns the output shape (N, Cout, Ho, Wo).
+    ``bias_optional``: bias may be None (the training conv, train_ops.conv_stats).
 
     Raises TypeError/ValueError/RuntimeError with a message a user can act on, so that no
     kernel ever sees an argument it would fault on.
     """
-    _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias)
+    _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias, bias_optional)
     if x.dim() != 4:
         raise ValueError(f"conv_bn_act expects a 4-D input (N, C, H, W), got a {x.dim()}-D "
                          f"tensor of shape {tuple(x.shape)}")
@@ -129,7 +134,7 @@ def check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups, r
         raise ValueError(f"input {h}x{w} is too small for a {kh}x{kw} kernel with padding "
                          f"{padding} and dilation {dilation}")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if bias.shape != (cout,) or bias.dtype != acc:
+    if (bias is not None or not bias_optional) and (bias.shape != (cout,) or bias.dtype != acc):
         raise ValueError(f"bias must be a ({cout},) {acc} tensor, got {tuple(bias.shape)} {bias.dtype}")
     if (pre_scale is None) != (pre_bias is None):
         raise ValueError("pre_scale and pre_bias go together: give both or neither")
@@ -231,6 +236,20 @@ def add_relu_inplace_fake(a, b):
 _X, _WEIGHT, _BIAS, _RESIDUAL, _PRE_SCALE, _PRE_BIAS = 0, 1, 2, 7, 9, 10
 
 
+def conv_backward(grad, x, weight, stride, padding, dilation, groups, output_mask):
+    """(grad_x, grad_weight) of conv2d(x, weight) for the output gradient ``grad``, through
+    ``aten.convolution_backward`` (cuDNN on a GPU). On the CPU the tensors go in NCHW: oneDNN's
+    channels_last backward returns a wrong weight gradient for 1x1 stride-2 convs in fp32
+    (relative error ~0.8 against float64 with torch 2.14.1; tests/test_training.py keeps it
+    checked), a bug of the same family as pytorch#68868."""
+    if x.device.type == "cpu":
+        grad, x, weight = grad.contiguous(), x.contiguous(), weight.contiguous()
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [bool(output_mask[0]), bool(output_mask[1]), False])
+    return gx, gw
+
+
 def _conv_setup_context(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias = inputs
     ctx.conv = (list(stride), list(padding), list(dilation), groups, relu, residual is not None)
@@ -258,9 +277,8 @@ def _conv_backward(ctx, grad):
         x_in = x
     want_x = need[_X] or (pre and (need[_PRE_SCALE] or need[_PRE_BIAS]))
     if want_x or need[_WEIGHT]:
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            g.to(x.dtype), x_in, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [bool(want_x), bool(need[_WEIGHT]), False])
+        gx, gw = conv_backward(g.to(x.dtype), x_in, weight, stride, padding, dilation, groups,
+                               (want_x, need[_WEIGHT]))
         grads[_WEIGHT] = gw
         if pre and gx is not None:
             gz = gx.to(acc) * (z > 0)

@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 
 from torch import nn
 
+_BN = nn.modules.batchnorm._BatchNorm
+
 #: what a fused unit can absorb around its conv, in the order fusion_summary lists them
 FUSED_KINDS = ("bias", "bn", "relu", "residual", "pre_bn_relu")
 
@@ -35,6 +37,10 @@ class FusedUnit:
     relu: bool = False
     residual: bool = False          # a tensor added before the ReLU
     bias: bool = False              # the conv's own bias
+    #: in train(), what applies this unit's BatchNorm (batch statistics) to the conv's raw
+    #: output: "prologue" (the next conv's input prologue), "tail" (a block tail that adds the
+    #: shortcut and ReLUs in the same pass) or "pass" (one BN[+residual][+ReLU] pass)
+    train_apply: str = "pass"
 
     @property
     def kinds(self) -> tuple:
@@ -68,9 +74,27 @@ class FusedUnit:
 
 
 def unit_of(conv_name: str, conv: nn.Conv2d, bn: Optional[str] = None, *, relu: bool = False,
-            residual: bool = False, pre_bn: Optional[str] = None) -> FusedUnit:
+            residual: bool = False, pre_bn: Optional[str] = None, train_apply: str = "pass") -> FusedUnit:
     """A FusedUnit for ``conv`` (named ``conv_name``), reading its bias from the module."""
-    return FusedUnit(conv_name, bn, pre_bn, relu, residual, conv.bias is not None)
+    return FusedUnit(conv_name, bn, pre_bn, relu, residual, conv.bias is not None, train_apply)
+
+
+def training_dataflow(unit: FusedUnit, model: nn.Module) -> str:
+    """What a train() forward runs for ``unit`` (names qualified in ``model``), in words: the
+    dataflow of resnet_fast.training for the unit's modules as they are now."""
+    bn = model.get_submodule(unit.bn) if unit.bn else None
+    pre = model.get_submodule(unit.pre_bn) if unit.pre_bn else None
+    head = ""
+    if pre is not None:
+        head = "pre-BN stats → prologue; " if isinstance(pre, _BN) else "frozen pre-BN → prologue; "
+    if bn is not None and not isinstance(bn, _BN):
+        return head + "folded conv + backward (frozen BN)"
+    if bn is None:
+        return head + "fused conv + backward"
+    where = {"prologue": "next conv's prologue", "tail": "block tail"}.get(unit.train_apply)
+    if where is None:
+        where = "BN" + ("+residual" if unit.residual else "") + ("+ReLU" if unit.relu else "") + " pass"
+    return head + f"conv+stats → {where}"
 
 
 def units(model: nn.Module) -> list[FusedUnit]:

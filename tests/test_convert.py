@@ -56,7 +56,8 @@ def test_train_matches_untouched_model():
     for (n, p0), (_, p1) in zip(ref.named_parameters(), ours.named_parameters()):
         assert rel_err(p1.grad, p0.grad) < 1e-10, n
     for (n, b0), (_, b1) in zip(ref.named_buffers(), ours.named_buffers()):
-        assert torch.allclose(b0, b1, rtol=1e-12, atol=0), n
+        # the fused ops update the running statistics with their own (equal to rounding) math
+        assert rel_err(b1, b0) < 1e-12, n
 
 
 def test_whole_model_never_stale():

@@ -16,7 +16,7 @@ import resnet_fast as rf
 from resnet_fast.backends.torch_backend import TorchBackend
 
 from . import any_resnets as ar
-from .reference import copies_of, randomize_bn, rel_err
+from .reference import close_or_zero, copies_of, randomize_bn, rel_err
 
 
 def _timm(name):
@@ -123,18 +123,21 @@ def test_convert_keeps_every_module_and_its_identity():
 def test_train_matches(name):
     ref, ours, shape = _pair(name)
     if name in TIMM:
-        shape = (2, 3, 16, 16)
+        # 64x64: at 16x16 with a batch of 2 the last stage's BNs normalize 2 values each, whose
+        # variance rounding decides (the twins then differ at 1e-4 in float64)
+        shape = (2, 3, 64, 64)
     ref.train(), ours.train()
     for _ in range(2):
         x = torch.randn(shape, dtype=torch.float64)
         y0, y = ref(x), ours(x)
-        assert rel_err(y, y0) < 1e-12
+        # train() runs resnet_fast's training ops (issue 17): torch's math to rounding
+        assert rel_err(y, y0) < 1e-10
         g = torch.randn_like(y0)
         y0.backward(g), y.backward(g)
     for (n0, p0), (n1, p1) in zip(ref.named_parameters(), ours.named_parameters()):
-        assert n0 == n1 and rel_err(p1.grad, p0.grad) < 1e-10, n0
+        assert n0 == n1 and close_or_zero(p1.grad, p0.grad, 1e-8), n0
     for (n0, b0), (n1, b1) in zip(ref.named_buffers(), ours.named_buffers()):
-        assert n0 == n1 and torch.allclose(b0.double(), b1.double(), rtol=1e-12, atol=0), n0
+        assert n0 == n1 and close_or_zero(b1, b0, 1e-10), n0
 
 
 def _kinds(model):
@@ -558,13 +561,13 @@ def test_residual_joins_run_on_add_relu(make, joins, monkeypatch):
         assert rel_err(ours(xo), ref(xr)) < 1e-9
     assert len(calls) == joins
     assert rel_err(xo, xr) == 0  # the caller's input is left as the original leaves it
-    ours.train(), ref.train()  # train(): the original forward, the original adds
+    ours.train(), ref.train()  # train(): the joins run on add_relu too, with its backward
     calls.clear()
     outs = []
     for m in (ours, ref):
         torch.manual_seed(0)  # DropPath draws the same paths for both
         outs.append(m(x))
-    assert rel_err(*outs) < 1e-9 and not calls
+    assert rel_err(*outs) < 1e-9 and len(calls) == joins
 
 
 def test_residual_join_on_the_triton_kernel():

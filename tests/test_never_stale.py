@@ -103,13 +103,16 @@ def test_bn_recalibration_by_train_forward(name, momentum):
             if isinstance(bn, nn.BatchNorm2d):
                 bn.momentum = momentum
     before = _agree(ref, ours)
-    calib = _x() * 3 + 1
+    # enough values per channel in every BN (at 16x16 with a batch of 2 the last stages normalize
+    # 2 values, whose variance rounding decides: the twins' own sums then differ at 1e-4)
+    calib = torch.randn(4, 3, 64, 64, dtype=torch.float64) * 3 + 1
     for m in (ref, ours):
         m.train()
         with torch.no_grad():
             m(calib)
         m.eval()
-    after = _agree(ref, ours)
+    # train() runs resnet_fast's training ops: equal to the original's math to rounding
+    after = _agree(ref, ours, tol=1e-10)
     assert rel_err(after, before) > 1e-3  # the statistics really moved
 
 
@@ -159,8 +162,8 @@ def test_every_optimizer_step_refreshes(name, cls, impl):
         for m, opt in zip((ref, ours), opts):
             def closure(m=m, opt=opt):
                 opt.zero_grad()
-                # eval() with autograd: gradients through the reference math, and no train()
-                # forward, so only the optimizer changes anything
+                # eval() with autograd: gradients through the fused ops' backward (torch's to
+                # rounding), and no train() forward, so only the optimizer changes anything
                 loss = m(x).square().mean()
                 loss.backward()
                 return loss
@@ -170,7 +173,7 @@ def test_every_optimizer_step_refreshes(name, cls, impl):
                 if "fused" in impl and ("not supported" in str(e) or "only support" in str(e)):
                     pytest.skip(f"{name} has no fused CPU kernel: {e}")
                 raise
-        y = _agree(ref, ours, x)
+        y = _agree(ref, ours, x, tol=1e-10)
         if before is not None:
             assert rel_err(y, before) > 1e-9  # the step really changed the weights
         before = y
@@ -527,18 +530,19 @@ def test_non_tensor_arguments_name_the_argument(arg):
 
 
 # ---- the reference-path warning (issue 15) --------------------------------------------------
-def test_eval_with_autograd_warns_once_on_a_kernel_backend(monkeypatch):
+def test_eval_with_autograd_runs_the_kernels_without_a_warning(monkeypatch):
+    """eval() with autograd on used to run the reference math with a warning; it now runs the
+    fused ops with their backward (issue 17), so there is nothing to warn about."""
     ok, why = rf.backends.available("triton", torch.device("cpu"), torch.float32)
     if not ok:
         pytest.skip(why)
     monkeypatch.setattr(rf.modules, "_warned", set())
     m = rf.convert(randomize_bn(ar.BasicBlock(8, 8)), backend="triton").eval()
-    x = torch.randn(1, 8, 4, 4)
-    with pytest.warns(rf.ReferencePathWarning, match="torch.no_grad"):
-        m(x)
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        m(x)  # once
+        warnings.simplefilter("error", rf.ReferencePathWarning)
+        m(x).sum().backward()
+    assert x.grad is not None
 
 
 # ---- the property test: random mutation sequences against the twin -----------------------
@@ -619,6 +623,10 @@ def test_random_mutation_sequences(name, seed):
     x = _x()
     operations = _random_ops(rng, ref, ours, x)
     _agree(ref, ours, x, tol=1e-10)
+    # after train() forwards and optimizer steps on the fused training ops the twins agree to
+    # rounding, amplified by BNs over few values; a stale fold is off by far more (and the
+    # verify_folds fixture raises on any)
+    tol = 1e-7
     done = []
     for _ in range(10):
         op = rng.choice(operations)
@@ -626,7 +634,7 @@ def test_random_mutation_sequences(name, seed):
         done.append(op.__name__)
         with torch.no_grad():
             err = rel_err(ours(x), ref(x))
-        assert err < 1e-10, f"after {done}: rel. error {err:.3g}"
+        assert err < tol, f"after {done}: rel. error {err:.3g}"
 
 
 # ---- compile and export with the default backend, in a fresh process (issue 15) ----------

@@ -43,6 +43,12 @@ class Backend:
     def add_relu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def training_ops(self, device: torch.device, dtype: torch.dtype):
+        """The :class:`resnet_fast.train_ops.TrainingOps` a training forward on this backend runs
+        (batch statistics, the BN apply and the block tail). The reference ops by default."""
+        from ..train_ops import REFERENCE_OPS
+        return REFERENCE_OPS
+
     def add_relu_(self, a: torch.Tensor, b: torch.Tensor) -> None:
         raise NotImplementedError
 

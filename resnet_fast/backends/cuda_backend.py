@@ -447,6 +447,19 @@ class CudaBackend(Backend):
             self._ops = ops.define_backend_ops("cuda")
         return self._ops
 
+    def training_ops(self, device, dtype):
+        """No CUTLASS training kernels yet (a statistics epilogue is issue-17 follow-up work):
+        training on this backend runs the Triton training kernels where Triton can run, else the
+        reference ops; inference keeps the CUTLASS convs."""
+        from . import available, get, say_once
+        ok, why = available("triton", device, dtype)
+        if ok:
+            say_once("resnet_fast: backend 'cuda' trains on the Triton training kernels "
+                     "(no CUTLASS statistics epilogue yet)")
+            return get("triton").training_ops(device, dtype)
+        say_once(f"resnet_fast: backend 'cuda' trains on the reference ops (Triton: {why})")
+        return super().training_ops(device, dtype)
+
     def _device_check(self, device, dtype) -> tuple[bool, str]:
         device = torch.device(device)
         if device.type != "cuda":

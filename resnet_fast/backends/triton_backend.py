@@ -10,9 +10,11 @@ import logging
 
 import torch
 
-from .. import ops
+from .. import ops, train_ops
 from ..kernels import add_relu as _add_relu
+from ..kernels import batch_norm as _bn
 from ..kernels import conv_bn_act as _conv
+from ..kernels import scale_bias_act as _sba
 from . import get, say_once
 from .base import Backend
 
@@ -34,6 +36,72 @@ _conv_op, _add_relu_op, _add_relu_inplace_op = ops.define_backend_ops(
     "triton", _conv_impl, _add_relu.add_relu, _add_relu_inplace_impl)
 
 
+# ---- training ops (resnet_fast.train_ops): the kernels read NHWC; other layouts are converted
+def _nhwc(t):
+    return t if t is None or ops.is_nhwc(t) else t.contiguous(memory_format=torch.channels_last)
+
+
+def _f32(v):
+    return None if v is None else v.to(torch.float32).contiguous()
+
+
+def _conv_stats_impl(x, weight, bias, stride, padding, dilation, groups, pre_scale, pre_bias,
+                     pre_mean=None, pre_invstd=None):
+    if groups != 1:
+        raise NotImplementedError(f"the Triton conv kernel does not implement groups={groups}")
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device)
+    return _conv.conv_stats(_nhwc(x), _nhwc(weight), bias, stride, padding, dilation, pre_scale, pre_bias)
+
+
+def _batch_stats_impl(x):
+    if x.numel() == 0:
+        return train_ops.batch_stats_reference(x)
+    return _bn.batch_stats(_nhwc(x))
+
+
+def _bn_finalize_impl(mean, var, weight, bias, eps):
+    return _bn.finalize(mean.contiguous(), var.contiguous(), _f32(weight), _f32(bias), eps)
+
+
+def _bn_update_running_impl(running_mean, running_var, num_batches_tracked, mean, var, momentum,
+                            cumulative, count):
+    if not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        return train_ops.bn_update_running_reference(running_mean, running_var, num_batches_tracked,
+                                                     mean, var, momentum, cumulative, count)
+    _bn.update_running(running_mean, running_var, num_batches_tracked, mean.contiguous(),
+                       var.contiguous(), momentum, cumulative, count)
+
+
+def _sba_impl(y, scale, shift, residual, res_scale, res_shift, relu, *stats):
+    # stats (the batch statistics behind scale/shift) are for the backward only
+    if not ops.is_nhwc(y) or (residual is not None and not ops.is_nhwc(residual)):
+        return train_ops.scale_bias_act_reference(y, scale, shift, residual, res_scale, res_shift, relu)
+    return _sba.scale_bias_act(y, _f32(scale), _f32(shift), residual, _f32(res_scale), _f32(res_shift), relu)
+
+
+def _sba_backward_impl(grad, y, scale, shift, residual, res_scale, res_shift, relu, want_dres,
+                       y_mean=None, y_invstd=None, res_mean=None, res_invstd=None):
+    if not ops.is_nhwc(y) or (residual is not None and not ops.is_nhwc(residual)) or y.numel() == 0:
+        return train_ops.scale_bias_act_backward_reference(grad, y, scale, shift, residual, res_scale,
+                                                           res_shift, relu, want_dres, y_mean, y_invstd,
+                                                           res_mean, res_invstd)
+    y_stats = (_f32(y_mean), _f32(y_invstd)) if y_mean is not None else None
+    res_stats = (_f32(res_mean), _f32(res_invstd)) if res_mean is not None else None
+    dy, dres, sum_g, sum_gy, sum_gr = _sba.scale_bias_act_backward(
+        _nhwc(grad), y, _f32(scale), _f32(shift), residual, _f32(res_scale), _f32(res_shift), relu,
+        want_dres, y_stats, res_stats)
+    empty = y.new_empty(0, dtype=torch.float32)
+    return dy, dres if dres is not None else y.new_empty(0), sum_g, sum_gy, sum_gr if sum_gr is not None else empty
+
+
+TRAINING_OPS = train_ops.define_training_ops("triton", {
+    "conv_stats": _conv_stats_impl, "batch_stats": _batch_stats_impl, "bn_finalize": _bn_finalize_impl,
+    "bn_update_running": _bn_update_running_impl, "scale_bias_act": _sba_impl,
+    "scale_bias_act_backward": _sba_backward_impl,
+})
+
+
 class TritonBackend(Backend):
     name = "triton"
     requires_nhwc = True
@@ -52,6 +120,9 @@ class TritonBackend(Backend):
             return False, ("Triton runs on CPU tensors only in its interpreter "
                            "(set TRITON_INTERPRET=1 before resnet_fast's Triton kernels are imported)")
         return False, f"Triton has no target for {device.type} devices"
+
+    def training_ops(self, device, dtype):
+        return TRAINING_OPS
 
     def supports(self, x, weight, groups, pre=False):
         if groups != 1:
