@@ -3,14 +3,16 @@ two-level reduction, their finalize into the normalizing scale/shift, and the ru
 update.
 
 Statistics are never raw sums of y and y^2 in fp32 (those cancel when |mean| >> std): every tile
-of rows reduces to (mean, M2) by two passes over its values while they sit in registers, and the
-tiles' partials are merged Chan-style by :func:`merge_partials` in a fixed order, so the batch
-mean and variance are the same bits run to run (no float atomics). The conv kernel writes the
+of rows reduces, per channel, to a shift (its first row's value, exact), the mean of the shifted
+values and their M2, by passes over values already in registers; the tiles' partials are merged
+Chan-style in fp64 by :func:`merge_partials` in a fixed order, so the batch mean and variance are
+the same bits run to run (no float atomics) and hold ~1e-7 relative at a mean 1e3 std away. The conv kernel writes the
 same partials from its epilogue (``conv_bn_act.conv_stats``); :func:`batch_stats` is the
 stand-alone form for tensors no conv of ours produced (a pre-activation block's input).
 
-Partials layout: ``mean`` and ``m2`` are [tiles, C] fp32; tile t covers rows
-[t * rows_per_tile, min((t + 1) * rows_per_tile, M)) of the [M, C] NHWC view.
+Partials layout: ``shift``, ``mean`` (of the shifted values) and ``m2``, each [tiles, C] fp32, in
+one [3, tiles, C] buffer; tile t covers rows [t * rows_per_tile, min((t + 1) * rows_per_tile, M))
+of the [M, C] NHWC view.
 """
 
 from __future__ import annotations
@@ -29,16 +31,28 @@ VECTOR_BLOCK = 256
 
 
 @triton.jit
-def tile_mean_m2(v, rows_ok, count):
-    """(mean, M2) per column of the [rows, C] fp32 tile v over its valid rows (count of them):
-    two passes over values already in registers, so nothing cancels."""
-    mean = tl.sum(tl.where(rows_ok, v, 0.0), axis=0) / count
-    d = tl.where(rows_ok, v - mean[None, :], 0.0)
-    return mean, tl.sum(d * d, axis=0)
+def tile_stats(v, rows_ok, count, BLOCK_ROWS: tl.constexpr):
+    """(shift, mean of v - shift, M2) per column of the [rows, C] fp32 tile v over its valid rows
+    (count of them; row 0 is always valid): passes over values already in registers, shifted by
+    the first row's value, so nothing cancels."""
+    first = (tl.arange(0, BLOCK_ROWS) == 0)[:, None]
+    shift = tl.sum(tl.where(first, v, 0.0), axis=0)
+    d = tl.where(rows_ok, v - shift[None, :], 0.0)
+    mean = tl.sum(d, axis=0) / count
+    e = tl.where(rows_ok, d - mean[None, :], 0.0)
+    return shift, mean, tl.sum(e * e, axis=0)
 
 
 @triton.jit
-def _tile_stats_kernel(x_ptr, mean_ptr, m2_ptr, M, C,
+def store_tile_stats(part_ptr, tile, T, C, cols, c_ok, shift, mean, m2):
+    base = part_ptr + tile * C + cols
+    tl.store(base, shift, mask=c_ok)
+    tl.store(base + T * C, mean, mask=c_ok)
+    tl.store(base + 2 * T * C, m2, mask=c_ok)
+
+
+@triton.jit
+def _tile_stats_kernel(x_ptr, part_ptr, T, M, C,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -51,27 +65,29 @@ def _tile_stats_kernel(x_ptr, mean_ptr, m2_ptr, M, C,
     v = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=r_ok[:, None] & c_ok[None, :],
                 other=0.0).to(tl.float32)
     count = tl.minimum(M - pid_r * BLOCK_R, BLOCK_R).to(tl.float32)
-    mean, m2 = tile_mean_m2(v, r_ok[:, None], count)
-    tl.store(mean_ptr + pid_r * C + cols, mean, mask=c_ok)
-    tl.store(m2_ptr + pid_r * C + cols, m2, mask=c_ok)
+    shift, mean, m2 = tile_stats(v, r_ok[:, None], count, BLOCK_R)
+    store_tile_stats(part_ptr, pid_r, T, C, cols, c_ok, shift, mean, m2)
 
 
 @triton.jit
-def _merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, T, M, C, ROWS_PER_TILE,
+def _merge_kernel(part_ptr, mean_ptr, var_ptr, T, T_STRIDE, M, C, ROWS_PER_TILE,
                   BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    # one program per block of channels, walking the tiles in order: deterministic
+    # one program per block of channels, walking the tiles in order: deterministic. In fp64:
+    # a tile's mean is its exact shift plus a small mean, added here without rounding to fp32
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)  # a vector so the loop carries one type
-    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    n_a = tl.zeros((BLOCK_C,), dtype=tl.float64)  # a vector so the loop carries one type
+    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < T
-        cnt = tl.where(t_ok, tl.minimum(M - t * ROWS_PER_TILE, ROWS_PER_TILE), 0).to(tl.float32)
+        cnt = tl.where(t_ok, tl.minimum(M - t * ROWS_PER_TILE, ROWS_PER_TILE), 0).to(tl.float64)
         ok = t_ok[:, None] & c_ok[None, :]
-        pm = tl.load(part_mean_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0)
-        pm2 = tl.load(part_m2_ptr + t[:, None] * C + cols[None, :], mask=ok, other=0.0)
+        offs = t[:, None] * C + cols[None, :]
+        pm = (tl.load(part_ptr + offs, mask=ok, other=0.0).to(tl.float64)
+              + tl.load(part_ptr + T_STRIDE * C + offs, mask=ok, other=0.0).to(tl.float64))
+        pm2 = tl.load(part_ptr + 2 * T_STRIDE * C + offs, mask=ok, other=0.0).to(tl.float64)
         n_b = tl.sum(cnt, axis=0)
         mean_b = tl.sum(cnt[:, None] * pm, axis=0) / n_b
         d = pm - mean_b[None, :]
@@ -82,8 +98,8 @@ def _merge_kernel(part_mean_ptr, part_m2_ptr, mean_ptr, var_ptr, T, M, C, ROWS_P
         mean_a = mean_a + delta * (n_b / n)
         m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
         n_a = n
-    tl.store(mean_ptr + cols, mean_a, mask=c_ok)
-    tl.store(var_ptr + cols, m2_a / n_a, mask=c_ok)
+    tl.store(mean_ptr + cols, mean_a.to(tl.float32), mask=c_ok)
+    tl.store(var_ptr + cols, (m2_a / n_a).to(tl.float32), mask=c_ok)
 
 
 @triton.jit
@@ -127,19 +143,19 @@ def _running_update_kernel(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, moment
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def empty_partials(tiles: int, channels: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.empty((tiles, channels), dtype=torch.float32, device=device),
-            torch.empty((tiles, channels), dtype=torch.float32, device=device))
+def empty_partials(tiles: int, channels: int, device) -> torch.Tensor:
+    """The [3, tiles, channels] fp32 partials buffer (see the module doc)."""
+    return torch.empty((3, tiles, channels), dtype=torch.float32, device=device)
 
 
-def merge_partials(part_mean: torch.Tensor, part_m2: torch.Tensor, tiles: int, rows: int,
+def merge_partials(part: torch.Tensor, tiles: int, rows: int,
                    rows_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) per channel of ``rows`` rows from the first ``tiles`` partials."""
-    c = part_mean.shape[1]
-    mean = torch.empty(c, dtype=torch.float32, device=part_mean.device)
+    c = part.shape[2]
+    mean = torch.empty(c, dtype=torch.float32, device=part.device)
     var = torch.empty_like(mean)
     _merge_kernel[(triton.cdiv(c, MERGE_CHANNELS),)](
-        part_mean, part_m2, mean, var, tiles, rows, c, rows_per_tile,
+        part, mean, var, tiles, part.shape[1], rows, c, rows_per_tile,
         BLOCK_T=MERGE_TILES, BLOCK_C=MERGE_CHANNELS, num_warps=4)
     return mean, var
 
@@ -151,11 +167,11 @@ def batch_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     m = n * h * w
     tiles = triton.cdiv(m, STATS_ROWS)
-    part_mean, part_m2 = empty_partials(tiles, c, x.device)
+    part = empty_partials(tiles, c, x.device)
     _tile_stats_kernel[(tiles, triton.cdiv(c, STATS_CHANNELS))](
-        x, part_mean, part_m2, m, c, BLOCK_R=STATS_ROWS, BLOCK_C=STATS_CHANNELS,
+        x, part, tiles, m, c, BLOCK_R=STATS_ROWS, BLOCK_C=STATS_CHANNELS,
         INT64_OFFSETS=needs_int64_index((m + STATS_ROWS) * c), num_warps=4)
-    return merge_partials(part_mean, part_m2, tiles, m, STATS_ROWS)
+    return merge_partials(part, tiles, m, STATS_ROWS)
 
 
 def finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,

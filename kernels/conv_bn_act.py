@@ -37,7 +37,7 @@ import triton.language as tl
 
 # absolute imports: the kernel report loads this file again under a private name (to compile
 # its kernels outside the interpreter), where a relative import has no package to resolve in
-from resnet_fast.kernels.batch_norm import empty_partials, merge_partials, tile_mean_m2
+from resnet_fast.kernels.batch_norm import empty_partials, merge_partials, store_tile_stats, tile_stats
 from resnet_fast.kernels.indexing import needs_int64_index
 from resnet_fast.ops import conv_output_hw
 
@@ -120,8 +120,8 @@ def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED: tl.cons
 
 @triton.jit
 def conv_bn_act_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, pre_scale_ptr, pre_bias_ptr, y_ptr, part_mean_ptr, part_m2_ptr,
-    M, H, W, Cin, Ho, Wo, Cout,
+    x_ptr, w_ptr, bias_ptr, res_ptr, pre_scale_ptr, pre_bias_ptr, y_ptr, part_ptr,
+    M, H, W, Cin, Ho, Wo, Cout, PART_TILES,
     M_BUCKET,  # not read: an autotuning key, M rounded up so that each layer shape tunes once
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -227,12 +227,11 @@ def conv_bn_act_kernel(
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_offs, y, mask=y_ok)
     if STATS:
-        # Training: this tile's (mean, M2) per channel of y as stored (rounded), the statistics
-        # the next layer normalizes exactly this tensor with; merged by batch_norm.merge_partials
+        # Training: this tile's statistics per channel of y as stored (rounded), those the next
+        # layer normalizes exactly this tensor with; merged by batch_norm.merge_partials
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean, m2 = tile_mean_m2(y.to(tl.float32), m_ok[:, None], count)
-        tl.store(part_mean_ptr + pid_m * Cout + offs_n, mean, mask=n_ok)
-        tl.store(part_m2_ptr + pid_m * Cout + offs_n, m2, mask=n_ok)
+        shift, mean, m2 = tile_stats(y.to(tl.float32), m_ok[:, None], count, BLOCK_M)
+        store_tile_stats(part_ptr, pid_m, PART_TILES, Cout, offs_n, n_ok, shift, mean, m2)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -346,19 +345,18 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, strid
 
 def conv_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation,
                pre_scale: torch.Tensor | None = None, pre_bias: torch.Tensor | None = None, *,
-               config: triton.Config | str | None = None):
+               out: torch.Tensor | None = None, config: triton.Config | str | None = None):
     """The training conv: (y, mean, var) with y = conv(pre(x), weight) + bias (no activation) and
     the batch mean and biased variance of y per output channel (fp32), from per-tile partials the
     epilogue writes and one merge kernel (see kernels/batch_norm.py). Arguments as conv_bn_act."""
     y, launch = _run(x, weight, bias, stride, padding, dilation, None, False, pre_scale, pre_bias,
-                     out=None, config=config, stats=True)
+                     out=out, config=config, stats=True)
     m, cout = launch.scalars["M"], launch.scalars["Cout"]
     if m == 0:
         nan = torch.full((cout,), float("nan"), dtype=torch.float32, device=x.device)
         return y, nan, nan.clone()
     rows_per_tile = launch.config.kwargs["BLOCK_M"]
-    mean, var = merge_partials(launch.partials[0], launch.partials[1], triton.cdiv(m, rows_per_tile),
-                               m, rows_per_tile)
+    mean, var = merge_partials(launch.partials, triton.cdiv(m, rows_per_tile), m, rows_per_tile)
     launch.partials = None
     return y, mean, var
 
@@ -385,22 +383,22 @@ def _run(x, weight, bias, stride, padding, dilation, residual, relu, pre_scale, 
                          f"got {out.dtype} {tuple(out.shape)}")
     if out.numel() == 0:
         return out, launch
-    part_mean = part_m2 = None
+    part = None
     if stats:  # room for the most tiles any config makes; the merge reads those the launch wrote
-        part_mean, part_m2 = empty_partials(triton.cdiv(launch.scalars["M"], _MIN_BLOCK_M),
-                                            launch.scalars["Cout"], x.device)
-        launch.partials = (part_mean, part_m2)
+        part = empty_partials(triton.cdiv(launch.scalars["M"], _MIN_BLOCK_M), launch.scalars["Cout"], x.device)
+        launch.partials = part
+    part_tiles = part.shape[1] if part is not None else 1
     if launch.kwargs is not None:  # config known: straight to the kernel
         conv_bn_act_kernel[launch.grid](x, weight, bias, residual, pre_scale, pre_bias, out,
-                                        part_mean, part_m2, **launch.kwargs)
+                                        part, PART_TILES=part_tiles, **launch.kwargs)
         return out, launch
     # First launch of this layer without a fixed config: the autotuner picks one (or finds its
     # earlier pick), and the launch keeps it so later launches skip the autotuner's per-call work.
     # (The autotuner's final run is with the config it picked, so the partials are that config's.)
     tuner = _tuned_kernels[launch.constexprs["SMALL_CIN"]]
     start = time.perf_counter()
-    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, part_mean, part_m2,
-                          **launch.scalars, **launch.constexprs)
+    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, part,
+                          PART_TILES=part_tiles, **launch.scalars, **launch.constexprs)
     launch.set_config(tuner.best_config)
     # a first forward autotunes every new layer shape (seconds each): say so, one line a layer
     _log.info("resnet_fast: Triton conv %s->%s %sx%s/s%s on %s %s%s tuned in %.1f s (%s)",
@@ -494,11 +492,12 @@ def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), paddi
         tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
         residual=residual, relu=relu, pre=pre, stats=stats)
     constexprs.update(config.kwargs)
+    # the statistics buffer's tile count (room for the smallest BLOCK_M's tiles; 1: no buffer)
+    scalars["PART_TILES"] = triton.cdiv(scalars["M"], _MIN_BLOCK_M) if stats else 1
     elem = "*" + _TORCH_TO_TRITON[dtype]
     pointers = dict(x_ptr=elem, w_ptr=elem, bias_ptr="*fp32", res_ptr=elem if residual else None,
                     pre_scale_ptr="*fp32" if pre else None, pre_bias_ptr="*fp32" if pre else None,
-                    y_ptr=elem, part_mean_ptr="*fp32" if stats else None,
-                    part_m2_ptr="*fp32" if stats else None)
+                    y_ptr=elem, part_ptr="*fp32" if stats else None)
     fn = conv_bn_act_kernel
     signature, attrs = {}, {}
     for name in fn.arg_names:

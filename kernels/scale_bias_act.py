@@ -185,9 +185,10 @@ def scale_bias_act_backward(grad, y, scale, shift, residual, res_scale, res_shif
                  Y_STATS=y_stats is not None, RES_STATS=res_stats is not None,
                  BLOCK_R=block_r, BLOCK_C=block_c, INT64_OFFSETS=wide, num_warps=8)
     scale_bias_act_backward_kernel[grid](*args, None, None, None, *outs, REDUCE=True, APPLY=not stats, **flags)
-    sums = part.sum(1)  # partials added in one fixed order: the same bits every run
-    sum_g, sum_gy = sums[0], sums[1]
-    sum_gr = sums[2] if res_scale is not None else None
+    # partials added in one fixed order: the same bits every run; one tensor per sum (outputs
+    # of an op may not alias)
+    sum_g, sum_gy, *rest = (s.clone() for s in part.sum(1))
+    sum_gr = rest[0] if res_scale is not None else None
     if stats:
         k1 = sum_g / rows
         k2_y = scale * y_stats[1].square() * (sum_gy / rows) if y_stats is not None else None

@@ -148,8 +148,7 @@ def scale_bias_act_backward_reference(grad, y, scale, shift, residual, res_scale
         return dv, sum_gc + mean * sum_g
 
     dy, sum_gy = branch(y.to(acc), scale, y_mean, y_invstd)
-    empty = y.new_empty(0, dtype=acc)
-    dres, sum_gr = empty.to(y.dtype), empty
+    dres, sum_gr = y.new_empty(0), y.new_empty(0, dtype=acc)  # absent outputs: distinct, empty
     if residual is not None:
         d, sgr = branch(residual.to(acc), res_scale, res_mean, res_invstd)
         if want_dres:

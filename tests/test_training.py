@@ -400,3 +400,50 @@ def test_disabled_fused_training_runs_the_original_math(monkeypatch):
     ours = rf.convert(copy.deepcopy(ref), backend="torch")
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(ours(x), ref(x))
+
+
+# ---- torch.compile of a whole training step ----------------------------------------------------
+def test_compiled_training_step_in_a_fresh_process():
+    """forward, loss, backward and an SGD-momentum update in one torch.compile(fullgraph=True)
+    region (torch's own optimizers graph-break by design, pytorch#104053, so the update is
+    written in torch ops), against torchvision's eager steps; and the converted model itself
+    compiled fullgraph under a stock optimizer."""
+    from .reference import run_python
+    out = run_python(
+        "import copy, torch, torchvision, resnet_fast\n"
+        "import torch.nn.functional as F\n"
+        "if not hasattr(torch._dynamo.config, 'trace_autograd_ops'):\n"
+        "    print('skip: this torch cannot trace backward() inside a compiled region'); raise SystemExit\n"
+        "torch._dynamo.config.trace_autograd_ops = True\n"
+        "torch.manual_seed(0)\n"
+        "ref = torchvision.models.resnet18(num_classes=10).double().train()\n"
+        "m = resnet_fast.convert(copy.deepcopy(ref), backend='torch').train()\n"
+        "def make_step(model):\n"
+        "    params = list(model.parameters()); bufs = [torch.zeros_like(p) for p in params]\n"
+        "    def step(x, y):\n"
+        "        loss = F.cross_entropy(model(x), y)\n"
+        "        loss.backward()\n"
+        "        with torch.no_grad():\n"
+        "            for p, b in zip(params, bufs):\n"
+        "                b.mul_(0.9).add_(p.grad)\n"
+        "                p.sub_(0.01 * b)\n"
+        "                p.grad = None\n"
+        "        return loss.detach()\n"
+        "    return step\n"
+        "compiled, eager = torch.compile(make_step(m), fullgraph=True, backend='aot_eager'), make_step(ref)\n"
+        "for i in range(3):\n"
+        "    x = torch.randn(4, 3, 32, 32, dtype=torch.float64); y = torch.randint(0, 10, (4,))\n"
+        "    a, b = compiled(x, y), eager(x, y)\n"
+        "    assert abs(a.item() - b.item()) < 1e-8, (i, a.item(), b.item())\n"
+        "for (n, p), q in zip(m.named_parameters(), ref.parameters()):\n"
+        "    assert (p - q).norm() <= 1e-6 * q.norm() + 1e-12, n\n"
+        "for (n, p), q in zip(m.named_buffers(), ref.buffers()):\n"
+        "    assert (p.double() - q.double()).norm() <= 1e-8 * q.double().norm() + 1e-12, n\n"
+        "cm = torch.compile(m, fullgraph=True, backend='aot_eager')\n"
+        "opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)\n"
+        "for i in range(2):\n"
+        "    F.cross_entropy(cm(x), y).backward(); opt.step(); opt.zero_grad()\n"
+        "print('ok')\n", timeout=900)
+    if out.startswith("skip"):
+        pytest.skip(out.strip())
+    assert out.strip().endswith("ok")
