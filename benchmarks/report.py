@@ -1,8 +1,8 @@
 """The ResNet benchmark and correctness report: ``python -m benchmarks.report [flags]``.
 
 Sections (``--sections``, default all): the machine's ceilings, every distinct conv on every
-peer (``layers``), the stem and each stage (``blocks``), and the whole forward on every variant
-(``e2e``). Prints tables, writes ``<gpu>_<model>_b<batch>_<dtype>.json`` (every figure and the
+peer (``layers``), the stem and each stage (``blocks``), the whole forward on every variant
+(``e2e``), and one whole training step (forward, loss, backward, SGD) on every variant (``train``). Prints tables, writes ``<gpu>_<model>_b<batch>_<dtype>.json`` (every figure and the
 environment; rewritten after each section so a cut-off run still leaves evidence) and a PNG
 into ``--out`` (default ``out/``, which git ignores; results meant for ``benchmarks/results/``
 name that folder explicitly). Without a GPU it runs the CPU path (small batch, eager vs the
@@ -38,7 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: committed results in benchmarks/results/
 DEFAULT_OUT = os.path.join(REPO, "out")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-SECTIONS = ("layers", "blocks", "e2e")
+SECTIONS = ("layers", "blocks", "e2e", "train")
 ALL_BACKENDS = ("torch", "triton", "cuda")
 NO_GPU_NOTE = "NO GPU FIGURES WERE TAKEN: this run had no CUDA device; all times are CPU times."
 
@@ -85,7 +85,9 @@ def known_names() -> dict[str, list[str]]:
     return {"layers": ["eager_nchw", "eager_cl", "folded_compile"] + rf,
             "blocks": ["eager_cl"] + rf,
             "e2e": ["eager_nchw", "eager_cl", "eager_folded", "eager_cl_graph", "compile",
-                    "compile_max_autotune"] + [n for b in rf for n in (b, b + "_graph")]}
+                    "compile_max_autotune"] + [n for b in rf for n in (b, b + "_graph")],
+            "train": ["train_eager", "train_compile", "train_compile_max_autotune"]
+                     + [n for b in ALL_BACKENDS for n in (f"train_rf_{b}", f"train_rf_{b}_graph")]}
 
 
 def interpret_triton_on_cpu(a) -> str | None:
@@ -245,6 +247,25 @@ def e2e_table(sec: dict) -> str:
                   title="End to end (whole forward)")
 
 
+def train_table(sec: dict) -> str:
+    rows = []
+    for r in sec["rows"]:
+        if "error" in r:
+            rows.append([r["variant"], "ERROR: " + r["error"][:60]] + [""] * 7)
+            continue
+        k = r.get("kernel_ms") or {}
+        rows.append([r["variant"], fmt(r.get("median_ms"), ".2f"), fmt(r.get("images_s"), ".0f"),
+                     fmt(r.get("speedup_vs_eager"), ".2f"), fmt(r.get("peak_mem_mb_per_image"), ".1f"),
+                     fmt(r.get("first_loss_rel_diff"), ".1e"), fmt(r.get("first_fc_grad_rel_err"), ".1e"),
+                     "/".join(fmt(k.get(o), ".1f") for o in ("resnet_fast", "cudnn", "other")) if k else "",
+                     fmt(r.get("setup_s"), ".1f")])
+    ac = sec.get("autocast")
+    return render(["variant", "ms/step", "images/s", "speed-up", "MB/image", "loss diff", "fc grad err",
+                   "rf/cudnn/other ms", "setup s"], rows,
+                  title=f"Training step (batch {sec['batch']}, SGD momentum"
+                        f"{', autocast ' + ac if ac else ', fp32'}), vs train_eager")
+
+
 # --------------------------------------------------------------------------------------
 def write_json(report: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
@@ -329,7 +350,7 @@ def main(argv=None) -> dict:
                                      "the traffic of one fused kernel per conv"}
     summ = resnet_fast.fusion_summary(resnet_fast.convert(models.cast(model32, cfg.dtype), backend="torch"))
     report["fusion_summary"] = [{"name": r["name"], "fused": list(r["fused"]), "reason": r["reason"],
-                                 "runs_fused": r["runs_fused"]} for r in summ]
+                                 "runs_fused": r["runs_fused"], "training": r["training"]} for r in summ]
     n_fused = sum(1 for r in summ if r["fused"])
     progress.log(f"\nFusion summary of the converted {cfg.model}: {n_fused}/{len(summ)} convs fused\n{summ}\n")
     json_path = write_json(report, out_dir)
@@ -358,9 +379,20 @@ def main(argv=None) -> dict:
                                          checkpoint=checkpoint)
         progress.log("\n" + e2e_table(report["e2e"]) + "\n")
 
+    def run_train():
+        from . import train
+
+        def checkpoint(sec):
+            report["train"] = sec
+            write_json(report, out_dir)
+
+        with progress.step("training step"):
+            report["train"] = train.run(cfg, model32, flops["per_image"], checkpoint=checkpoint)
+        progress.log("\n" + train_table(report["train"]) + "\n")
+
     # in the order asked for, so a short lease can put the section it needs most first
     for section in cfg.sections:
-        {"layers": run_layers, "blocks": run_blocks, "e2e": run_e2e}[section]()
+        {"layers": run_layers, "blocks": run_blocks, "e2e": run_e2e, "train": run_train}[section]()
         write_json(report, out_dir)
 
     if "triton" in cfg.backends:
@@ -403,6 +435,12 @@ def _failures(report: dict) -> list[str]:
     for r in (report.get("e2e") or {}).get("rows", []):
         if r.get("status") in ("FAIL", "NaN") or "error" in r:
             out.append(f"e2e {r['variant']}: {r.get('status') or r.get('error')}")
+    for r in (report.get("train") or {}).get("rows", []):
+        # the first step from the same weights: a loss off by more than the dtype's tolerance
+        # is a wrong training step, not rounding
+        tol = 1e-2 if report["config"]["dtype"] in ("bf16", "fp16") else 1e-4
+        if "error" in r or not (r.get("first_loss_rel_diff", 0.0) <= tol):
+            out.append(f"train {r['variant']}: {r.get('error') or 'first loss off by %.2g' % r['first_loss_rel_diff']}")
     return out
 
 

@@ -63,6 +63,14 @@ def test_report_cpu_path(tmp_path, one_thread):
         assert r["rel_err"] < 1e-5   # fp32 on CPU against the fp64 reference
     assert e2e["eager_cl"]["speedup_vs_eager_cl"] == pytest.approx(1.0)
     assert "compile" in d["skipped"] and "rf_torch_graph" in d["skipped"]
+
+    train = {r["variant"]: r for r in d["train"]["rows"]}
+    assert set(train) == {"train_eager", "train_rf_torch"}
+    for r in train.values():
+        assert r["median_ms"] > 0 and r["images_s"] > 0, r
+    assert train["train_rf_torch"]["first_loss_rel_diff"] < 1e-4  # the same first step, fp32
+    assert "train_rf_torch_graph" in d["skipped"] and "train_compile" in d["skipped"]
+    assert d["fusion_summary"][1]["training"] == "conv+stats → next conv's prologue"
     assert d["failures"] == []
 
 
