@@ -301,7 +301,7 @@ class FusedBlock(nn.Module):
         mods = self._modules
         last = len(self._units) - 1
         out = [unit_of(c, mods[c], b, relu=True, residual=i == last,
-                       train_apply="tail" if i == last else "prologue")
+                       train_apply="tail" if i == last else "prologue", train_pre=i > 0)
                for i, (c, b) in enumerate(self._units)]
         ds = fusable_downsample(mods.get("downsample"))
         if ds is not None:

@@ -41,6 +41,9 @@ class FusedUnit:
     #: output: "prologue" (the next conv's input prologue), "tail" (a block tail that adds the
     #: shortcut and ReLUs in the same pass) or "pass" (one BN[+residual][+ReLU] pass)
     train_apply: str = "pass"
+    #: in train(), whether the conv's input arrives as a raw conv output plus a BatchNorm the
+    #: kernel applies as it loads (the previous conv's, or a pre-activation BN)
+    train_pre: bool = False
 
     @property
     def kinds(self) -> tuple:
@@ -61,6 +64,12 @@ class FusedUnit:
             return self.epilogue
         return "pre" if self.epilogue == "none" else f"pre+{self.epilogue}"
 
+    @property
+    def train_kernel_epilogue(self) -> str:
+        """The kernel variant a train() forward runs for this conv: "stats" (the raw output and
+        its batch statistics) or "pre+stats" (with the input prologue)."""
+        return "pre+stats" if self.train_pre or self.pre_bn is not None else "stats"
+
     def modules(self) -> tuple:
         """The names of the unit's modules: conv, then the BNs it folds."""
         return tuple(n for n in (self.conv, self.bn, self.pre_bn) if n)
@@ -74,9 +83,10 @@ class FusedUnit:
 
 
 def unit_of(conv_name: str, conv: nn.Conv2d, bn: Optional[str] = None, *, relu: bool = False,
-            residual: bool = False, pre_bn: Optional[str] = None, train_apply: str = "pass") -> FusedUnit:
+            residual: bool = False, pre_bn: Optional[str] = None, train_apply: str = "pass",
+            train_pre: bool = False) -> FusedUnit:
     """A FusedUnit for ``conv`` (named ``conv_name``), reading its bias from the module."""
-    return FusedUnit(conv_name, bn, pre_bn, relu, residual, conv.bias is not None, train_apply)
+    return FusedUnit(conv_name, bn, pre_bn, relu, residual, conv.bias is not None, train_apply, train_pre)
 
 
 def training_dataflow(unit: FusedUnit, model: nn.Module) -> str:

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true",
                    help="exit with status 1 when any kernel spills, does not fit, or misses its tensor-core path")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    p.add_argument("--no-training", action="store_true",
+                   help="inference kernels only (default: also the train() conv variants and the other "
+                        "training kernels)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -94,7 +97,8 @@ def options_from_args(a: argparse.Namespace) -> ReportOptions:
         cubin_dir=Path(a.cubin_dir), peak_tflops=_per_arch(a.peak_tflops, "peak"),
         bandwidth_tbs=_per_arch(a.bandwidth_tbs, "bandwidth"), jobs=a.jobs,
         triton_configs=tuple(a.triton_configs.split(",")) if a.triton_configs else None,
-        layer_filter=_layer_filter(a.layers), use_cache=not a.no_cache, progress=not a.quiet)
+        layer_filter=_layer_filter(a.layers), use_cache=not a.no_cache, progress=not a.quiet,
+        training=not a.no_training)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +167,13 @@ def format_report(report: dict, *, all_rows: bool = False, markdown: bool = Fals
                  + ("every candidate" if all_rows else "the candidate with the lowest estimate per layer (*)")
                  + f"; sum of picks x count = {total / 1000:.2f} ms")
         out.append(format_table(shown, title, markdown))
+    tk = report.get("training_kernels") or []
+    if tk:
+        out.append(f"\nTraining kernels other than the conv ({env['dtype']}; registers / spills / shared bytes):")
+        for r in tk:
+            cells = ("ERROR " + r["error"][:80]) if "registers" not in r else \
+                f"{r['registers']:>3} regs, {r['spill_bytes']} B spills, {r['shared_bytes']} B smem, {r['num_warps']} warps"
+            out.append(f"  {r['arch']:<7} {r['label']:<48} {cells}")
     notes = env.get("notes", {})
     for key, labels in notes.get("layers_without_rows", {}).items():
         out.append(f"\n{key}: no kernel compiled for {', '.join(labels)}")

@@ -122,10 +122,14 @@ def unit_layers(model: nn.Module | str, batch: int = 256, resolution: int = 224,
 
 
 def distinct_layers(model: nn.Module | str, batch: int = 256, resolution: int = 224,
-                    in_channels: int = 3) -> tuple[list[dict], list[dict]]:
+                    in_channels: int = 3, training: bool = False) -> tuple[list[dict], list[dict]]:
     """(layers, unfused): one dict per distinct conv (shape + epilogue), in forward order, with
-    the names of every conv of that kind; and {"name", "reason"} for convs left unfused."""
+    the names of every conv of that kind; and {"name", "reason"} for convs left unfused.
+    ``training``: also every distinct conv of a train() forward (epilogue "stats" or
+    "pre+stats": plan.FusedUnit.train_kernel_epilogue)."""
     units, unfused = unit_layers(model, batch, resolution, in_channels)
+    if training:
+        units = units + [(u, dict(layer, epilogue=u.train_kernel_epilogue)) for u, layer in units]
     layers: dict[tuple, dict] = {}
     for unit, layer in units:
         k = _key(layer)

@@ -48,6 +48,8 @@ class ReportOptions:
     one_config_per_layer: bool = False                  # tests: the first candidate only
     use_cache: bool = True
     progress: bool = True
+    #: the train() forward's conv variants ("stats", "pre+stats") and the other training kernels
+    training: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,7 +443,7 @@ def build_report(opts: ReportOptions) -> dict:
     if opts.jobs <= 0:
         opts = dataclasses.replace(opts, jobs=max(1, min(4, os.cpu_count() or 1)))
     specs = _specs(opts)
-    layers, unfused = distinct_layers(opts.model, opts.batch, opts.resolution)
+    layers, unfused = distinct_layers(opts.model, opts.batch, opts.resolution, training=opts.training)
     if opts.layer_filter is not None:
         layers = [layer for layer in layers if opts.layer_filter(layer)]
     notes: dict = {}
@@ -462,10 +464,13 @@ def build_report(opts: ReportOptions) -> dict:
         cuda_thread = threading.Thread(target=run_cuda, daemon=True)
         cuda_thread.start()
     rows: list[dict] = []
+    training_rows: list[dict] = []
     try:
         if "triton" in opts.backends:
             tt0 = time.perf_counter()
             rows += _triton_rows(layers, opts, specs, progress, notes)
+            if opts.training:
+                training_rows = _training_kernel_rows(opts, specs, progress)
             timings["triton_s"] = round(time.perf_counter() - tt0, 1)
         if cuda_thread is not None:
             cuda_thread.join()
@@ -486,7 +491,40 @@ def build_report(opts: ReportOptions) -> dict:
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     env = _env(opts, specs, cuda_built, timings)
     env.update({"unfused_convs": unfused, "notes": notes, "layers": len(layers)})
-    return {"rows": rows, "env": env}
+    return {"rows": rows, "training_kernels": training_rows, "env": env}
+
+
+def _training_kernel_rows(opts: ReportOptions, specs: dict, progress: Progress) -> list[dict]:
+    """Registers, spills and shared memory of the training kernels other than the conv."""
+    from . import triton_aot as ta
+
+    jobs, meta = [], []
+    for arch in opts.archs:
+        cc = specs[arch].capability
+        for label, fn, spec in ta.training_kernel_specs(opts.dtype):
+            name = fn.split(":")[1]
+            fname = f"{name}.{DTYPE_NAMES[opts.dtype]}.{abs(hash(label)) % 10**8}.cubin"
+            jobs.append({"kind": "fn", "fn": fn, "capability": cc, **spec,
+                         "out_path": str(Path(opts.cubin_dir) / "triton" / arch / "training" / fname)})
+            meta.append((arch, label, name))
+    progress.add_total(len(jobs))
+    results = ta.run_jobs(jobs, workers=opts.jobs, on_done=lambda i, r: progress.update(1, "training kernels"))
+    rows = []
+    for (arch, label, name), res in zip(meta, results):
+        row = {"arch": arch, "kernel": name, "label": label, "dtype": DTYPE_NAMES[opts.dtype]}
+        if isinstance(res, Exception):
+            row.update(ok=False, error=f"compile failed: {type(res).__name__}: {str(res)[-600:]}")
+        else:
+            info = res.get("inspect") or cubin_tools.inspect_cubin(res["cubin"])
+            fn = res["name"] if res["name"] in info else next(iter(info))
+            f = info[fn]
+            row.update(registers=f["registers"], spill_bytes=f["spill_bytes"],
+                       shared_bytes=f["shared_static"] + res["shared_dynamic"], num_warps=res["num_warps"],
+                       cubin=res["cubin"], ok=f["spill_bytes"] == 0)
+            if not row["ok"]:
+                row["error"] = f"{f['spill_bytes']} bytes of spills"
+        rows.append(row)
+    return rows
 
 
 def _env(opts: ReportOptions, specs: dict, cuda_built: dict, timings: dict) -> dict:
@@ -525,6 +563,9 @@ def check_failures(report: dict) -> list[str]:
         if not r.get("ok"):
             out.append(f"{r['backend']} {r['arch']} {r['label']} [{r['config']['name']}]: "
                        + "; ".join(r.get("problems") or [r.get("error", "failed")]))
+    for r in report.get("training_kernels", []):
+        if not r.get("ok"):
+            out.append(f"triton {r['arch']} {r['label']} ({r['kernel']}): {r.get('error', 'failed')}")
     return out
 
 

@@ -77,6 +77,11 @@ def _private_module(mod):
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
+    # @jit helpers this module imported from other kernel modules (batch_norm.tile_stats in the
+    # conv) were bound to their interpreted versions: rebind them to private compilable ones
+    for attr, v in list(vars(m).items()):
+        if type(v).__name__ == "InterpretedFunction":
+            setattr(m, attr, jit_function(v))
     return m
 
 
@@ -166,7 +171,8 @@ def conv_spec_args(layer: dict, dtype: torch.dtype) -> dict:
                 w_shape=(layer["cout"], layer["cin"] // layer.get("groups", 1), *layer["kernel"]),
                 stride=tuple(layer["stride"]), padding=tuple(layer["padding"]),
                 dilation=tuple(layer["dilation"]),
-                residual="residual" in epi, relu="relu" in epi.split("+"), pre="pre" in epi)
+                residual="residual" in epi, relu="relu" in epi.split("+"), pre="pre" in epi,
+                stats="stats" in epi.split("+"))
 
 
 def _jsonable(v: Any):
@@ -368,3 +374,88 @@ def config_dict(cfg) -> dict:
     d["num_warps"] = cfg.num_warps
     d["num_stages"] = cfg.num_stages
     return d
+
+
+# --------------------------------------------------------------------------------------------
+# The training kernels other than the conv (BN statistics, finalize, running update, the BN
+# apply / block tail and its backward): one representative compile each
+# --------------------------------------------------------------------------------------------
+def _kernel_module(name: str) -> str:
+    for pkg in ("resnet_fast.kernels", "kernels"):
+        try:
+            importlib.import_module(f"{pkg}.{name}")
+            return f"{pkg}.{name}"
+        except ImportError:
+            continue
+    raise ImportError(f"no kernel module {name}")
+
+
+def training_kernel_specs(dtype: torch.dtype, channels: int = 256) -> list[tuple[str, str, dict]]:
+    """(label, "module:function", {"signature", "constexprs", "options"}) of each training kernel
+    as its launcher calls it on a ResNet-50 stage-1 sized tensor (``channels`` wide), pointers in
+    ``dtype`` for activations and fp32 for per-channel vectors."""
+    el = "*" + DTYPE_NAMES[dtype]
+    f32 = "*fp32"
+    sba_mod, bn_mod = _kernel_module("scale_bias_act"), _kernel_module("batch_norm")
+    block_c = min(128, channels)
+    geo = dict(BLOCK_R=4096 // block_c, BLOCK_C=block_c, INT64_OFFSETS=False)
+    out = []
+
+    def sba(label, affine, res, res_affine, relu):
+        sig = {"y_ptr": el, "scale_ptr": f32 if affine else "constexpr", "shift_ptr": f32 if affine else "constexpr",
+               "res_ptr": el if res else "constexpr", "res_scale_ptr": f32 if res_affine else "constexpr",
+               "res_shift_ptr": f32 if res_affine else "constexpr", "out_ptr": el, "R": "i32", "C": "i32",
+               "HAS_AFFINE": "constexpr", "HAS_RES": "constexpr", "HAS_RES_AFFINE": "constexpr",
+               "RELU": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "INT64_OFFSETS": "constexpr"}
+        ce = {k: None for k, v in sig.items() if v == "constexpr" and k.endswith("_ptr")}
+        ce.update(HAS_AFFINE=affine, HAS_RES=res, HAS_RES_AFFINE=res_affine, RELU=relu, **geo)
+        out.append((label, f"{sba_mod}:scale_bias_act_kernel", {"signature": sig, "constexprs": ce,
+                                                                 "options": {"num_warps": 8}}))
+
+    sba("BN+ReLU apply", True, False, False, True)
+    sba("block tail, identity shortcut", True, True, False, True)
+    sba("block tail, projection shortcut (dual BN)", True, True, True, True)
+
+    def sba_bwd(label, res_affine, stats, reduce, apply):
+        ptrs = {"g_ptr": el, "y_ptr": el, "scale_ptr": f32, "shift_ptr": f32, "res_ptr": el if res_affine else None,
+                "res_scale_ptr": f32 if res_affine else None, "res_shift_ptr": f32 if res_affine else None,
+                "y_mean_ptr": f32 if stats else None, "res_mean_ptr": f32 if stats and res_affine else None,
+                "k1_ptr": f32 if stats and apply else None, "k2_y_ptr": f32 if stats and apply else None,
+                "k2_res_ptr": f32 if stats and apply and res_affine else None,
+                "dy_ptr": el, "dres_ptr": el if res_affine else None,
+                "sum_g_ptr": f32, "sum_gy_ptr": f32, "sum_gr_ptr": f32 if res_affine else None}
+        sig = {k: (v if v is not None else "constexpr") for k, v in ptrs.items()}
+        sig.update(R="i32", C="i32")
+        flags = dict(HAS_AFFINE=True, HAS_RES=res_affine, HAS_RES_AFFINE=res_affine, RELU=True,
+                     WANT_DRES=res_affine, Y_STATS=stats, RES_STATS=stats and res_affine,
+                     REDUCE=reduce, APPLY=apply, **geo)
+        sig.update({k: "constexpr" for k in flags})
+        ce = {k: None for k, v in ptrs.items() if v is None}
+        ce.update(flags)
+        out.append((label, f"{sba_mod}:scale_bias_act_backward_kernel",
+                    {"signature": sig, "constexprs": ce, "options": {"num_warps": 8}}))
+
+    sba_bwd("BN+ReLU backward, batch stats: reduce pass", False, True, True, False)
+    sba_bwd("BN+ReLU backward, batch stats: apply pass", False, True, False, True)
+    sba_bwd("block tail backward (dual BN): reduce pass", True, True, True, False)
+    sba_bwd("block tail backward (dual BN): apply pass", True, True, False, True)
+    sba_bwd("BN+ReLU backward, constant BN: one pass", False, False, True, True)
+
+    out.append(("batch statistics of a tensor (tiles)", f"{bn_mod}:_tile_stats_kernel", {
+        "signature": {"x_ptr": el, "part_ptr": f32, "T": "i32", "M": "i32", "C": "i32", "BLOCK_R": "constexpr",
+                      "BLOCK_C": "constexpr", "INT64_OFFSETS": "constexpr"},
+        "constexprs": {"BLOCK_R": 64, "BLOCK_C": 64, "INT64_OFFSETS": False}, "options": {"num_warps": 4}}))
+    out.append(("statistics merge (fp64, deterministic)", f"{bn_mod}:_merge_kernel", {
+        "signature": {"part_ptr": f32, "mean_ptr": f32, "var_ptr": f32, "T": "i32", "T_STRIDE": "i32", "M": "i32",
+                      "C": "i32", "ROWS_PER_TILE": "i32", "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"},
+        "constexprs": {"BLOCK_T": 32, "BLOCK_C": 64}, "options": {"num_warps": 4}}))
+    out.append(("BN finalize (scale, shift, invstd)", f"{bn_mod}:_finalize_kernel", {
+        "signature": {"mean_ptr": f32, "var_ptr": f32, "weight_ptr": f32, "bias_ptr": f32, "scale_ptr": f32,
+                      "shift_ptr": f32, "invstd_ptr": f32, "C": "i32", "eps": "fp32", "HAS_WEIGHT": "constexpr",
+                      "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
+        "constexprs": {"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK": 256}, "options": {"num_warps": 4}}))
+    out.append(("running statistics update (momentum=None)", f"{bn_mod}:_running_update_kernel", {
+        "signature": {"rm_ptr": f32, "rv_ptr": f32, "nbt_ptr": "*i64", "mean_ptr": f32, "var_ptr": f32, "C": "i32",
+                      "momentum": "fp32", "unbias": "fp32", "CUMULATIVE": "constexpr", "BLOCK": "constexpr"},
+        "constexprs": {"CUMULATIVE": True, "BLOCK": 256}, "options": {"num_warps": 4}}))
+    return out
