@@ -251,16 +251,18 @@ def train_table(sec: dict) -> str:
     rows = []
     for r in sec["rows"]:
         if "error" in r:
-            rows.append([r["variant"], "ERROR: " + r["error"][:60]] + [""] * 7)
+            rows.append([r["variant"], "ERROR: " + r["error"][:60]] + [""] * 8)
             continue
         k = r.get("kernel_ms") or {}
         rows.append([r["variant"], fmt(r.get("median_ms"), ".2f"), fmt(r.get("images_s"), ".0f"),
                      fmt(r.get("speedup_vs_eager"), ".2f"), fmt(r.get("peak_mem_mb_per_image"), ".1f"),
+                     fmt(r.get("saved_mb_per_image"), ".2f"),
                      fmt(r.get("first_loss_rel_diff"), ".1e"), fmt(r.get("first_fc_grad_rel_err"), ".1e"),
                      "/".join(fmt(k.get(o), ".1f") for o in ("resnet_fast", "cudnn", "other")) if k else "",
                      fmt(r.get("setup_s"), ".1f")])
     ac = sec.get("autocast")
-    return render(["variant", "ms/step", "images/s", "speed-up", "MB/image", "loss diff", "fc grad err",
+    return render(["variant", "ms/step", "images/s", "speed-up", "peak MB/img", "saved MB/img", "loss diff",
+                   "fc grad err",
                    "rf/cudnn/other ms", "setup s"], rows,
                   title=f"Training step (batch {sec['batch']}, SGD momentum"
                         f"{', autocast ' + ac if ac else ', fp32'}), vs train_eager")

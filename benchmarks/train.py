@@ -7,6 +7,7 @@ model; the optimizer eager), ``train_rf_<backend>`` (the converted model: resnet
 training ops) and ``train_rf_<backend>_graph`` (that whole step captured once in a CUDA graph and
 replayed). Per variant: median step time (CUDA events on a GPU), images/s, peak memory per image
 (the step's peak above what the model, optimizer state and inputs hold, over the batch), the
+activations autograd saves per image (any device), the
 first step's loss and fc-weight gradient against train_eager's from the same weights, and on a
 GPU the step's kernel time by owner (resnet_fast's kernels, cuDNN's, the rest) from the profiler.
 
@@ -109,6 +110,24 @@ def _time(fn, cfg: Config, reps: int) -> list[float]:
     return times
 
 
+def saved_activation_mb(cfg: Config, model, x) -> float:
+    """MB of activations autograd saves in one forward: distinct storages of saved tensors whose
+    leading dimension is the batch (weights, their autocast copies and per-channel vectors left
+    out; a weight with as many output channels as the batch has images would count, a few MB at
+    most): the activation memory a step holds, device-independent."""
+    seen = {}
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[0] == x.shape[0]:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(cfg):
+        model(x)
+    return sum(seen.values()) / 2**20
+
+
 def _kernel_split(fn) -> dict:
     """GPU time of one step by kernel owner, from the profiler (ms)."""
     from torch.profiler import ProfilerActivity, profile
@@ -156,6 +175,8 @@ def run(cfg: Config, model32: torch.nn.Module, flops_per_image: float, checkpoin
                 r["speedup_vs_eager"] = base["median_ms"] / r["median_ms"]
                 if "peak_mem_mb_per_image" in base and "peak_mem_mb_per_image" in r:
                     r["memory_vs_eager"] = r["peak_mem_mb_per_image"] / base["peak_mem_mb_per_image"]
+                if "saved_mb_per_image" in base and "saved_mb_per_image" in r:
+                    r["saved_vs_eager"] = r["saved_mb_per_image"] / base["saved_mb_per_image"]
         out = {"variants": todo, "rows": rows, "batch": B, "lr": LR, "momentum": MOMENTUM,
                "autocast": str(cfg.dtype).replace("torch.", "") if cfg.dtype != torch.float32 else None,
                "flops_per_image_forward": flops_per_image, "section_s": time.perf_counter() - t_start}
@@ -173,6 +194,8 @@ def run(cfg: Config, model32: torch.nn.Module, flops_per_image: float, checkpoin
                 t0 = time.perf_counter()
                 model, owner = _model(cfg, name, model32)
                 step, _ = _step_fn(cfg, model, owner, x, target)
+                if not name.startswith("train_compile") and not name.endswith("_graph"):
+                    row["saved_mb_per_image"] = saved_activation_mb(cfg, model, x) / B
                 # the first step from model32's weights: compared with train_eager's
                 loss0 = step()
                 fc = dict(owner.named_parameters()).get("fc.weight")

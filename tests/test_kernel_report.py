@@ -66,7 +66,7 @@ def _subset_report(dtype, archs_, tmp_path_factory) -> dict:
 def test_resnet50_triton_kernels_use_tensor_cores_without_spills(dtype, archs_, tmp_path_factory):
     report = _subset_report(dtype, archs_, tmp_path_factory)
     rows = report["rows"]
-    layers, _ = distinct_layers("resnet50", 256)
+    layers, _ = distinct_layers("resnet50", 256, training=True)  # the report's default: train() too
     for arch in archs_:
         spec = archs.get_arch(arch)
         mine = [r for r in rows if r["arch"] == arch]
@@ -82,6 +82,9 @@ def test_resnet50_triton_kernels_use_tensor_cores_without_spills(dtype, archs_, 
             assert 0 < r["shared_bytes"] <= spec.smem_per_block_max, f"{where}: {r['shared_bytes']} B smem"
             assert r["ctas_per_sm"] >= 1 and r["estimate_us"] > 0
             assert r["ok"], f"{where}: {r['problems']}"
+        # the training kernels beside the conv: compiled, no spills
+        tk = [k for k in report["training_kernels"] if k["arch"] == arch]
+        assert len(tk) == 12 and all(k["ok"] and k["spill_bytes"] == 0 for k in tk), tk
     print(format_report(report))
 
 
@@ -196,7 +199,7 @@ def test_report_runs_without_cuda_and_says_why(monkeypatch, tmp_path, capsys):
     def broken(archs, *a, **k):
         return {arch: cuda_aot.CudaUnavailable("nvcc failed on conv_sm90.cu (test)") for arch in archs}
     monkeypatch.setattr(cuda_aot, "compile_archs", broken)
-    code = cli_main(["--arch", "sm_90a", "--triton-configs", "m128n128k64w8s4", "--quiet",
+    code = cli_main(["--arch", "sm_90a", "--triton-configs", "m128n128k64w8s4", "--quiet", "--no-training",
                      "--model", "resnet18", "--batch", "8", "--layers", r"layer2\.1\.conv1$",
                      "--cubin-dir", str(tmp_path / "c"),
                      "--json", str(tmp_path / "r.json")])
@@ -205,6 +208,7 @@ def test_report_runs_without_cuda_and_says_why(monkeypatch, tmp_path, capsys):
     assert "cuda rows missing for sm_90a: nvcc failed on conv_sm90.cu (test)" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert len(data["rows"]) == 1 and data["rows"][0]["backend"] == "triton"
+    assert data["training_kernels"] == []  # --no-training
     assert data["rows"][0]["layer"]["names"] == ["layer2.1.conv1"]
     assert data["env"]["notes"]["cuda_missing"]["sm_90a"].startswith("nvcc failed")
 

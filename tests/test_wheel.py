@@ -163,11 +163,15 @@ def test_wheel_installs_and_runs_in_a_fresh_venv(wheel, tmp_path):
                 "--triton-configs", "m128n128k64w8s4", "--model", "resnet18", "--batch", "8",
                 "--layers", r"layer2\.1\.conv1$", "--quiet", "--jobs", "1",
                 "--cubin-dir", str(work / "cubins"), "--json", str(rep)], cwd=work, env=env).stdout
-    rows = json.loads(rep.read_text())["rows"]
-    assert len(rows) == 1, out
-    r = rows[0]
-    assert r["backend"] == "triton" and r["arch"] == "sm_90a" and not r.get("error"), r
-    assert r["layer"]["names"] == ["layer2.1.conv1"] and r["registers"] > 0, r
+    data = json.loads(rep.read_text())
+    rows = data["rows"]
+    # the inference kernel and the train() variant (conv + statistics epilogue) of the layer
+    assert sorted(r["layer"]["epilogue"] for r in rows) == ["relu", "stats"], out
+    for r in rows:
+        assert r["backend"] == "triton" and r["arch"] == "sm_90a" and not r.get("error"), r
+        assert r["layer"]["names"] == ["layer2.1.conv1"] and r["registers"] > 0, r
+    # the other training kernels ship in the wheel and compile too
+    assert data["training_kernels"] and all(k["ok"] for k in data["training_kernels"]), data["training_kernels"]
 
 
 def test_sdist_carries_tests_benchmarks_license_and_sources(tmp_path):

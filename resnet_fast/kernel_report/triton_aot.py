@@ -340,7 +340,8 @@ def conv_candidates(layer: dict, module=None, dtype: torch.dtype = torch.bfloat1
                  Cin=layer["cin"], Ho=layer["ho"], Wo=layer["wo"], Cout=layer["cout"],
                  KH=layer["kernel"][0], KW=layer["kernel"][1], STRIDE_H=layer["stride"][0],
                  STRIDE_W=layer["stride"][1], HAS_RESIDUAL="residual" in epi,
-                 RELU="relu" in epi.split("+"), HAS_PRE="pre" in epi, SMALL_CIN=small)
+                 RELU="relu" in epi.split("+"), HAS_PRE="pre" in epi, SMALL_CIN=small,
+                 STATS="stats" in epi.split("+"))
     if hasattr(mod, "input_precision"):
         named["INPUT_PRECISION"] = mod.input_precision(dtype)
     kept_list = prune(list(configs.values()), named)
