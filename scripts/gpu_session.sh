@@ -4,6 +4,8 @@
 #   scripts/gpu_session.sh tests [pytest args...]
 #   scripts/gpu_session.sh bench [benchmarks.report args...]   (JSON/PNG into $OUT, or --out DIR)
 #   scripts/gpu_session.sh suite       every GPU test in parallel groups, then compute-sanitizer
+#   scripts/gpu_session.sh train       fused training (issue 17): its GPU tests, then the report's
+#                                      train section for ResNet-50 batch 256 bf16 (~8 minutes)
 # Wheels missing there (nvidia-cutlass, and setuptools>=77 for the editable install, since that
 # machine's own setuptools may be older) travel in .whl/ (see README, "On a lent GPU").
 set -uo pipefail
@@ -62,5 +64,12 @@ case "$what" in
     esac
     exit "$rc" ;;
   suite) exec scripts/gpu_suite.sh ;;
+  train)
+    # the checks first (bf16 training steps against float64, a CUDA-graphed step), then the
+    # figures: eager AMP, compile, resnet_fast plain and graphed, one step each, in one run
+    timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/gpu/test_training_gpu.py "$@" 2>&1 | tee "$OUT/gpu_training_tests.log"
+    timeout 330 python3 -m benchmarks.report --out "$OUT" --sections train --budget-s 300 \
+      --skip train_compile_max_autotune --backends triton 2>&1 | tee -a "$OUT/bench.log"
+    exit "${PIPESTATUS[0]}" ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

@@ -52,8 +52,9 @@ _reports: dict = {}
 def _subset_report(dtype, archs_, tmp_path_factory) -> dict:
     key = (dtype, archs_)
     if key not in _reports:
+        # the training variants once (bf16, both archs): their fp16 kernels are the same code
         opts = rep.ReportOptions(dtype=dtype, archs=archs_, backends=("triton",), jobs=2, progress=False,
-                                 one_config_per_layer=True,
+                                 one_config_per_layer=True, training=dtype == torch.bfloat16,
                                  cubin_dir=tmp_path_factory.mktemp("cubins"))
         _reports[key] = rep.build_report(opts)
     return _reports[key]
@@ -66,7 +67,7 @@ def _subset_report(dtype, archs_, tmp_path_factory) -> dict:
 def test_resnet50_triton_kernels_use_tensor_cores_without_spills(dtype, archs_, tmp_path_factory):
     report = _subset_report(dtype, archs_, tmp_path_factory)
     rows = report["rows"]
-    layers, _ = distinct_layers("resnet50", 256, training=True)  # the report's default: train() too
+    layers, _ = distinct_layers("resnet50", 256, training=dtype == torch.bfloat16)
     for arch in archs_:
         spec = archs.get_arch(arch)
         mine = [r for r in rows if r["arch"] == arch]
@@ -84,7 +85,8 @@ def test_resnet50_triton_kernels_use_tensor_cores_without_spills(dtype, archs_, 
             assert r["ok"], f"{where}: {r['problems']}"
         # the training kernels beside the conv: compiled, no spills
         tk = [k for k in report["training_kernels"] if k["arch"] == arch]
-        assert len(tk) == 12 and all(k["ok"] and k["spill_bytes"] == 0 for k in tk), tk
+        assert dtype != torch.bfloat16 or len(tk) == 12, tk
+        assert all(k["ok"] and k["spill_bytes"] == 0 for k in tk), tk
     print(format_report(report))
 
 
