@@ -22,3 +22,13 @@ def _seed(request):
     # reproduces when the one test is rerun.
     import zlib
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 convs without TF32 (torch's cuDNN switch, which the Triton kernels follow too), so
+    that fp32 checks state the 1e-5 bound of exact fp32 math; restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved

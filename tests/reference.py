@@ -16,8 +16,9 @@ def randomize_bn(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+                if m.running_mean is not None:  # track_running_stats=False has none
+                    m.running_mean.normal_(0, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
                 if m.weight is not None:
                     m.weight.uniform_(0.5, 1.5)
                     m.bias.normal_(0, 0.5)

@@ -37,11 +37,8 @@ CONVS = {
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32():
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
+def _exact_fp32(exact_fp32):
+    """Every test here in exact fp32 (see conftest.exact_fp32)."""
 
 
 def nhwc(*shape, dtype=torch.float32, scale=1.0, offset=0.0):

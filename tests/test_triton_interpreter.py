@@ -40,13 +40,10 @@ CONVS = {
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32():
+def _exact_fp32(exact_fp32):
     # fp32 in the kernel follows cuDNN's TF32 switch; the interpreter is exact either way, but
     # the tests ask for "ieee" so that the 1e-5 bound states what is checked.
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
+    pass
 
 
 def make_conv(name, dtype, residual, pre):
