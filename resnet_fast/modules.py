@@ -1,11 +1,12 @@
 """Drop-in modules: the fused conv unit, BasicBlock and Bottleneck.
 
 The blocks have torchvision's constructor arguments and its submodule, parameter and buffer
-names, so a ``state_dict`` moves both ways unchanged. In train() (or whenever autograd must
-see the math) they run torchvision's exact code: batch statistics, running-stat updates,
-gradients. In eval() each conv runs as one fused op (conv + folded BN [+ residual] [+ ReLU])
-on the module's backend, with the folded weights from a never-stale :class:`FoldCache` (each
-unit's :class:`UnitState` holds one).
+names, so a ``state_dict`` moves both ways unchanged. In eval() without autograd each conv runs
+as one fused op (conv + folded BN [+ residual] [+ ReLU]) on the module's backend, with the
+folded weights from a never-stale :class:`FoldCache` (each unit's :class:`UnitState` holds
+one). In train(), with autograd or under autocast they run the training ops
+(:mod:`resnet_fast.training`) with torch's BatchNorm semantics and gradients; with hooks on a
+module the fused path would skip, torchvision's own code.
 """
 
 from __future__ import annotations
