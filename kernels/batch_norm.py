@@ -143,17 +143,22 @@ def _running_update_kernel(rm_ptr, rv_ptr, nbt_ptr, mean_ptr, var_ptr, C, moment
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
+def new_vectors(shape, device) -> torch.Tensor:
+    """An uninitialised fp32 buffer: every per-channel output and partials buffer of the training
+    kernels' launchers (the tests poison it)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def empty_partials(tiles: int, channels: int, device) -> torch.Tensor:
     """The [3, tiles, channels] fp32 partials buffer (see the module doc)."""
-    return torch.empty((3, tiles, channels), dtype=torch.float32, device=device)
+    return new_vectors((3, tiles, channels), device)
 
 
 def merge_partials(part: torch.Tensor, tiles: int, rows: int,
                    rows_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) per channel of ``rows`` rows from the first ``tiles`` partials."""
     c = part.shape[2]
-    mean = torch.empty(c, dtype=torch.float32, device=part.device)
-    var = torch.empty_like(mean)
+    mean, var = new_vectors(c, part.device), new_vectors(c, part.device)
     _merge_kernel[(triton.cdiv(c, MERGE_CHANNELS),)](
         part, mean, var, tiles, part.shape[1], rows, c, rows_per_tile,
         BLOCK_T=MERGE_TILES, BLOCK_C=MERGE_CHANNELS, num_warps=4)
@@ -179,9 +184,7 @@ def finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
     """(scale, shift, invstd): invstd = rsqrt(var + eps), scale = gamma * invstd,
     shift = beta - mean * scale, fp32; weight/bias None for a BatchNorm without affine parameters."""
     c = mean.shape[0]
-    scale = torch.empty(c, dtype=torch.float32, device=mean.device)
-    shift = torch.empty_like(scale)
-    invstd = torch.empty_like(scale)
+    scale, shift, invstd = (new_vectors(c, mean.device) for _ in range(3))
     _finalize_kernel[(triton.cdiv(c, VECTOR_BLOCK),)](
         mean, var, weight, bias, scale, shift, invstd, c, eps, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, BLOCK=VECTOR_BLOCK, num_warps=4)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from resnet_fast.kernels.batch_norm import new_vectors
 from resnet_fast.kernels.indexing import needs_int64_index
 
 #: elements per program
@@ -128,6 +129,11 @@ def scale_bias_act_backward_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
+def new_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised NHWC tensor like t: every output of these launchers (the tests poison it)."""
+    return torch.empty_like(t, memory_format=torch.channels_last)
+
+
 def _channels_last_view(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
@@ -149,7 +155,7 @@ def _geometry(y: torch.Tensor):
 
 def scale_bias_act(y, scale, shift, residual, res_scale, res_shift, relu: bool) -> torch.Tensor:
     """act(y * scale + shift + r) (see the module doc), a new NHWC tensor of y's dtype."""
-    out = torch.empty_like(y, memory_format=torch.channels_last)
+    out = new_like(y)
     if y.numel() == 0:
         return out
     rows, c, block_r, block_c, grid, wide = _geometry(y)
@@ -172,9 +178,9 @@ def scale_bias_act_backward(grad, y, scale, shift, residual, res_scale, res_shif
     BatchNorm backward, s * (g - mean(g) - xhat * mean(g * xhat)), written once in fp32 math.
     """
     rows, c, block_r, block_c, grid, wide = _geometry(y)
-    dy = torch.empty_like(y, memory_format=torch.channels_last)
-    dres = torch.empty_like(residual, memory_format=torch.channels_last) if want_dres else None
-    part = torch.empty((3 if res_scale is not None else 2, grid[0], c), dtype=torch.float32, device=y.device)
+    dy = new_like(y)
+    dres = new_like(residual) if want_dres else None
+    part = new_vectors((3 if res_scale is not None else 2, grid[0], c), y.device)
     stats = y_stats is not None or res_stats is not None
     y_mean = y_stats[0] if y_stats is not None else None
     res_mean = res_stats[0] if res_stats is not None else None

@@ -51,12 +51,21 @@ def _stats64(y):
 
 
 def _poisoned_partials(monkeypatch):
-    real = bn_kernels.empty_partials
+    _poison_outputs(monkeypatch)
 
-    def poisoned(tiles, channels, device):
-        return real(tiles, channels, device).fill_(float("nan"))
-    monkeypatch.setattr(conv_kernels, "empty_partials", poisoned)
-    monkeypatch.setattr(bn_kernels, "empty_partials", poisoned)
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    _poison_outputs(monkeypatch)
+
+
+def _poison_outputs(monkeypatch):
+    """Every buffer the training launchers allocate starts as NaN: a value a kernel never wrote
+    fails the comparison."""
+    real_vectors, real_like = bn_kernels.new_vectors, sba_kernels.new_like
+    monkeypatch.setattr(bn_kernels, "new_vectors", lambda shape, device: real_vectors(shape, device).fill_(float("nan")))
+    monkeypatch.setattr(sba_kernels, "new_vectors", lambda shape, device: real_vectors(shape, device).fill_(float("nan")))
+    monkeypatch.setattr(sba_kernels, "new_like", lambda t: real_like(t).fill_(float("nan")))
 
 
 # ---- conv + statistics epilogue ----------------------------------------------------------------
@@ -129,7 +138,7 @@ def test_one_value_per_channel():
 # ---- finalize and the running statistics ----------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("affine", [True, False])
-def test_finalize_kernel(affine):
+def test_finalize_kernel(affine, poisoned):
     mean, var = torch.randn(37), torch.rand(37) + 0.1
     gamma, beta = (torch.randn(37), torch.randn(37)) if affine else (None, None)
     s, t, inv = bn_kernels.finalize(mean, var, gamma, beta, 1e-5)
@@ -174,7 +183,7 @@ def _to64(args):
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("affine,res,relu", SBA_CASES)
-def test_scale_bias_act_kernel(dtype, affine, res, relu):
+def test_scale_bias_act_kernel(dtype, affine, res, relu, poisoned):
     args = _sba_args(dtype, affine, res, relu)
     out = sba_kernels.scale_bias_act(**args)
     ref = train_ops.scale_bias_act_reference(**_to64(args))
@@ -186,7 +195,7 @@ def test_scale_bias_act_kernel(dtype, affine, res, relu):
 @pytest.mark.parametrize("stats", ["none", "y", "res", "both"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("affine,res,relu", [c for c in SBA_CASES if c[0] or c[1] != "projection"])
-def test_scale_bias_act_backward_kernel(dtype, affine, res, relu, stats):
+def test_scale_bias_act_backward_kernel(dtype, affine, res, relu, stats, poisoned):
     if stats in ("y", "both") and not affine or stats in ("res", "both") and res != "projection":
         pytest.skip("batch statistics come with their BN's scale and shift")
     args = _sba_args(dtype, affine, res, relu)
@@ -274,3 +283,14 @@ def test_training_op_gradients_match_batch_norm(backend):
     tol = 1e-10 if dt == torch.float64 else 1e-5
     for a, b in zip(grads[1], grads[0]):
         assert rel_err(a, b) < tol
+
+
+def test_triton_backend_imports_where_the_interpreter_is_on():
+    """Every Triton test skips when the backend is unavailable; under the interpreter (the CPU
+    suite) it must be available, or a broken kernel module would pass the suite as skips."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU run: tests/gpu covers the compiled kernels")
+    pytest.importorskip("triton")
+    ok, why = rf.backends.available("triton", torch.device("cpu"), torch.float32)
+    assert ok, why
