@@ -459,3 +459,30 @@ def test_training_saves_less_than_eager():
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
     eager, fused = saved_activation_bytes(ref, x), saved_activation_bytes(ours, x)
     assert fused < 0.9 * eager, (fused, eager)
+
+
+def test_as_a_user_trains_then_evaluates():
+    """The default backend, a fused AdamW, train() -> eval() flips and a hook added after
+    convert, against the unconverted twin: nothing stale, nothing silent."""
+    torch.manual_seed(0)
+    ref = randomize_bn(nn.Sequential(tv.BasicBlock(4, 4), tv.BasicBlock(4, 8, 2, _downsample(4, 8, 2))))
+    ours = rf.convert(copy.deepcopy(ref))  # the default backend
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (ref, ours)]
+    x = torch.randn(3, 4, 9, 9)
+    seen = []
+    for step in range(3):
+        for m, opt in zip((ref, ours), opts):
+            m.train()
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+        if step == 1:  # a hook after convert: the hooked block runs its own forward, hooks fire
+            for m in (ref, ours):
+                m[1].bn1.register_forward_hook(lambda mod, i, o: seen.append(1))
+        for m in (ref, ours):
+            m.eval()
+        with torch.no_grad():
+            assert rel_err(ours(x), ref(x)) < 1e-5, step
+        for (n, a), (_, b) in zip(ours.named_buffers(), ref.named_buffers()):
+            assert rel_err(a.double(), b.double()) < 1e-5 or torch.equal(a, b), n
+    assert seen  # the hook fired on both
