@@ -100,16 +100,26 @@ class Act:
 
 
 class Runner:
-    """What one training forward of a module shares: its backend, training ops and dtype."""
+    """What one training forward of a module shares: its backend choice, dtype and the training
+    ops of the elementwise steps. Each conv resolves its own backend (a grouped conv the Triton
+    kernel does not take falls back for that conv alone, as in eval())."""
 
-    __slots__ = ("be", "ops", "dtype", "x")
+    __slots__ = ("backend", "be", "ops", "dtype", "x")
 
     def __init__(self, backend, x: torch.Tensor, weight: torch.Tensor, groups: int, pre: bool):
+        self.backend = backend
         self.dtype = compute_dtype(x)
         #: the forward's input as the kernels read it
         self.x = self.entry(x)
         self.be = backends.resolve(backend, self.x, weight=weight, groups=groups, pre=pre)
         self.ops: TrainingOps = self.be.training_ops(x.device, self.dtype)
+
+    def _conv_backend(self, x: torch.Tensor, conv: nn.Conv2d, pre: bool):
+        """(backend, its training ops) for one conv of this forward."""
+        be = backends.resolve(self.backend, x, weight=conv.weight, groups=conv.groups, pre=pre)
+        if be is self.be:
+            return be, self.ops
+        return be, be.training_ops(x.device, self.dtype)
 
     def entry(self, x: torch.Tensor) -> torch.Tensor:
         """x in the dtype and memory format the kernels read."""
@@ -162,14 +172,15 @@ class Runner:
             inp = Act(self.materialize(inp))
         x, pre_scale, pre_bias = inp.y, inp.scale, inp.shift
         stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        be, ops = self._conv_backend(x, conv, pre_scale is not None)
         # a prologue with batch statistics needs conv_stats' backward (the whole BN backward of
         # the prologue), so such a conv runs it even when its own BN uses running statistics
         if uses_batch_stats(bn) or inp.mean is not None:
             w = conv.weight if conv.weight.dtype == self.dtype else conv.weight.to(self.dtype)
             bias = None if conv.bias is None else conv.bias.to(accumulate_dtype(self.dtype))
             check_conv_bn_act_args(x, w, bias, stride, padding, dilation, conv.groups, None, pre_scale,
-                                   pre_bias, require_nhwc=self.be.requires_nhwc, bias_optional=True)
-            y, mean, var = self.ops.conv_stats(x, self.be.pack_weight(w), bias, stride, padding,
+                                   pre_bias, require_nhwc=be.requires_nhwc, bias_optional=True)
+            y, mean, var = ops.conv_stats(x, be.pack_weight(w), bias, stride, padding,
                                                dilation, conv.groups, pre_scale, pre_bias,
                                                inp.mean, inp.invstd)
             act = relu and residual is None  # with a residual the ReLU follows the add
@@ -183,9 +194,9 @@ class Runner:
             if residual is None:
                 return out
             return Act(self.tail(out, residual, relu))
-        w, b = self._folded(conv, bn, state)
+        w, b = self._folded(conv, bn, state, be)
         res = None if residual is None or residual.pending else residual.y
-        y = _conv_op(self.be, x, w, b, stride, padding, dilation, conv.groups, res,
+        y = _conv_op(be, x, w, b, stride, padding, dilation, conv.groups, res,
                      relu and (residual is None or res is not None), pre_scale, pre_bias)
         if residual is not None and res is None:  # the shortcut's BN is still pending
             y = self.tail(Act(y), residual, relu)
@@ -201,14 +212,14 @@ class Runner:
                                        shortcut.shift, relu, main.mean, main.invstd, shortcut.mean,
                                        shortcut.invstd)
 
-    def _folded(self, conv, bn, state):
+    def _folded(self, conv, bn, state, be):
         params = [conv.weight, conv.bias] + ([bn.weight, bn.bias] if bn is not None else [])
         if state is not None and not (torch.is_grad_enabled()
                                       and any(p is not None and p.requires_grad for p in params)):
-            w, b, _, _ = state.fold.get(conv, bn, None, self.dtype, self.be)
+            w, b, _, _ = state.fold.get(conv, bn, None, self.dtype, be)
             return w, b
         w, b = fold_conv_bn(conv, bn, self.dtype)  # differentiable: gradients reach the parameters
-        return self.be.pack_weight(w), b
+        return be.pack_weight(w), b
 
 
 def _conv_op(be, x, w, b, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias):

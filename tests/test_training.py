@@ -50,6 +50,11 @@ BLOCKS = {
     "tv_basic_down": (lambda: tv.BasicBlock(6, 10, 2, _downsample(6, 10, 2)), 6),
     "tv_bottleneck_down": (lambda: tv.Bottleneck(8, 4, 2, _downsample(8, 16, 2)), 8),
     "rf_bottleneck": (lambda: rf.Bottleneck(16, 4), 16),
+    # (in a Sequential: the torchvision fast path, whose training forward chains its convs)
+    # grouped 3x3 (ResNeXt): the Triton kernel takes no groups, so that conv alone falls back
+    "tv_resnext_down": (lambda: nn.Sequential(tv.Bottleneck(8, 8, 2, _downsample(8, 32, 2), groups=4,
+                                                            base_width=8)), 8),
+    "tv_dilated": (lambda: nn.Sequential(tv.Bottleneck(16, 4, dilation=2)), 16),
 }
 
 
