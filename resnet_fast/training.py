@@ -33,7 +33,7 @@ from torch import nn
 
 from . import backends
 from .fold import accumulate_dtype, bn_scale_shift, fold_conv_bn
-from .ops import check_conv_bn_act_args, is_nhwc, run_checked_conv_bn_act
+from .ops import check_conv_bn_act_args, conv_bn_act, is_nhwc
 from .train_ops import TrainingOps
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -175,7 +175,8 @@ class Runner:
         be, ops = self._conv_backend(x, conv, pre_scale is not None)
         # a prologue with batch statistics needs conv_stats' backward (the whole BN backward of
         # the prologue), so such a conv runs it even when its own BN uses running statistics
-        if uses_batch_stats(bn) or inp.mean is not None:
+        batch_stats = uses_batch_stats(bn)
+        if batch_stats or inp.mean is not None:
             w = conv.weight if conv.weight.dtype == self.dtype else conv.weight.to(self.dtype)
             bias = None if conv.bias is None else conv.bias.to(accumulate_dtype(self.dtype))
             check_conv_bn_act_args(x, w, bias, stride, padding, dilation, conv.groups, None, pre_scale,
@@ -184,7 +185,7 @@ class Runner:
                                                dilation, conv.groups, pre_scale, pre_bias,
                                                inp.mean, inp.invstd)
             act = relu and residual is None  # with a residual the ReLU follows the add
-            if uses_batch_stats(bn):
+            if batch_stats:
                 scale, shift, mean, invstd = self.batch_affine(bn, mean, var, y.shape)
                 out = Act(y, scale, shift, act, mean, invstd)
             elif bn is not None:
@@ -196,8 +197,8 @@ class Runner:
             return Act(self.tail(out, residual, relu))
         w, b = self._folded(conv, bn, state, be)
         res = None if residual is None or residual.pending else residual.y
-        y = _conv_op(be, x, w, b, stride, padding, dilation, conv.groups, res,
-                     relu and (residual is None or res is not None), pre_scale, pre_bias)
+        y = conv_bn_act(x, w, b, stride, padding, dilation, conv.groups, res,
+                        relu and (residual is None or res is not None), pre_scale, pre_bias, backend=be)
         if residual is not None and res is None:  # the shortcut's BN is still pending
             y = self.tail(Act(y), residual, relu)
         return Act(y)
@@ -220,13 +221,6 @@ class Runner:
             return w, b
         w, b = fold_conv_bn(conv, bn, self.dtype)  # differentiable: gradients reach the parameters
         return be.pack_weight(w), b
-
-
-def _conv_op(be, x, w, b, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias):
-    out_shape = check_conv_bn_act_args(x, w, b, stride, padding, dilation, groups, residual,
-                                       pre_scale, pre_bias, require_nhwc=be.requires_nhwc)
-    return run_checked_conv_bn_act(be, out_shape, x, w, b, stride, padding, dilation, groups,
-                                   residual, relu, pre_scale, pre_bias)
 
 
 # --------------------------------------------------------------------------------------
