@@ -18,8 +18,17 @@ Row m of A at K index (r, s, c) is x[n, ho*stride - pad + r*dil, wo*stride - pad
   one channel block per tap: nested loops would pipeline nothing). The tap's coordinates are
   per row of the tile, not per K element: an add and four compares on BLOCK_M values, while a
   block of channels is a contiguous run of memory that loads as 16-byte vectors (cp.async).
-* flat (SMALL_CIN): for the stem's 7x7 conv over 3 channels, K = 147 walked in BLOCK_K steps with
-  (r, s, c) recovered by div/mod per K element; blocks of channels would be 13/16 padding.
+* dense rows (DENSE_CIN): the stem. Its image is padded to 4 channels (see
+  :func:`packed_input_channels`; the padding is done in the model's one NCHW->NHWC conversion,
+  kernels/layout.py, and the folded weight gets a zero input channel), and then one kernel row r
+  of a tap window, pixels (ih, iw0 .. iw0+kw-1) x 4 channels, is one contiguous run of kw*4
+  elements of the input (56 bytes for 7x7 in 16-bit) and of the weight's OHWI row: K is walked
+  one kernel row per step (ROW_K = kw*Cin rounded up to a power of two), the column offsets j and
+  pixel offsets j // Cin are compile-time vectors, and loads are 4-element vectors with no
+  division in the loop. The 4th channel and the row's tail (28 of 32) are wasted MMA work.
+* flat (SMALL_CIN): other small channel counts (3 unpadded, 5, ...): K = kh*kw*Cin walked in
+  BLOCK_K steps with (r, s, c) recovered by div/mod per K element; blocks of channels would be
+  mostly padding.
 
 Everything after the GEMM is done on the fp32 accumulator before the single store.
 """
@@ -39,6 +48,7 @@ import triton.language as tl
 # its kernels outside the interpreter), where a relative import has no package to resolve in
 from resnet_fast.kernels.batch_norm import empty_partials, merge_partials, store_tile_stats, tile_stats
 from resnet_fast.kernels.indexing import needs_int64_index
+from resnet_fast.kernels.launch import compile_spec, direct_launcher
 from resnet_fast.ops import conv_output_hw
 
 _log = logging.getLogger("resnet_fast")
@@ -49,9 +59,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CONFIG_ENV_VAR = "RESNET_FAST_TRITON_CONV_CONFIG"
 #: channel counts below this take the flat-K path (see the module doc)
 SMALL_CIN = 16
+#: the input channel counts the dense-row path takes (the stem after padding to 4; 8 for
+#: inputs of 5-8 channels padded by a caller): a power of two, so j // Cin is a shift
+DENSE_ROW_CINS = (4, 8)
+#: the widest kernel row the dense-row path takes, in elements (ROW_K)
+DENSE_ROW_MAX = 64
 #: how far past the last row the row indices of the last, partial tile reach (BLOCK_M of any
 #: config, masked by comparing them with M): part of the largest index the kernel computes
 ROW_INDEX_MARGIN = 2**16
+
+
+def packed_input_channels(cin: int, groups: int = 1) -> int:
+    """How many input channels the kernel wants for a conv over ``cin``: an image of 1-3
+    channels is padded to 4 (zero channels in the input and the folded weight), which makes the
+    stem a dense-row GEMM (module doc). Other convs keep their channel count."""
+    return 4 if groups == 1 and cin < 4 else cin
+
+
+def dense_rows(cin: int, kw: int, dil_w: int) -> bool:
+    """Whether a conv over ``cin`` (already packed) channels takes the dense-row path."""
+    return cin in DENSE_ROW_CINS and dil_w == 1 and kw * cin <= DENSE_ROW_MAX
 
 
 def _config(bm, bn, bk, warps, stages):
@@ -65,7 +92,8 @@ def config_name(cfg: triton.Config) -> str:
 
 
 def conv_configs(small_cin: bool = False) -> dict[str, triton.Config]:
-    """The autotuning candidates by name, for the tap path or the flat small-Cin path.
+    """The autotuning candidates by name, for the tap path or the small-Cin paths (flat and
+    dense rows: the dense-row path reads BLOCK_K as nothing, its K step is one kernel row).
 
     Chosen for ResNet-50 at batch 256 on H100. Tap path: M (output pixels) runs from 0.8M rows
     (layer1) down to 12.5K (layer4), so BLOCK_M is 128 but for two 64-row tiles for the late
@@ -73,7 +101,9 @@ def conv_configs(small_cin: bool = False) -> dict[str, triton.Config]:
     Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * element size, so some fp32
     candidates do not fit; the autotuner skips those (OutOfResources).
     Flat path (the stem, K = 147): its gathers are scalar loads held in registers, so tiles are
-    smaller; BLOCK_K = 32 wastes 13 of 160 K slots where 64 would waste 45.
+    smaller; BLOCK_K = 32 wastes 13 of 160 K slots where 64 would waste 45. Dense rows (the
+    padded stem, Cout = 64): its A tile is 4-element vector loads, so it also gets the 128x64
+    tile with 8 warps and a deeper pipeline (7 K steps of one kernel row each).
     """
     if small_cin:
         cfgs = [
@@ -81,6 +111,7 @@ def conv_configs(small_cin: bool = False) -> dict[str, triton.Config]:
             _config(256, 64, 32, 8, 3),
             _config(64, 64, 32, 4, 3),
             _config(128, 128, 32, 8, 3),
+            _config(128, 64, 32, 8, 4),
         ]
     else:
         cfgs = [
@@ -128,7 +159,8 @@ def conv_bn_act_kernel(
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_PRE: tl.constexpr, STATS: tl.constexpr,
-    SMALL_CIN: tl.constexpr, INT64_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SMALL_CIN: tl.constexpr, DENSE_CIN: tl.constexpr, ROW_K: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped tile order (matmul tutorial): GROUP_M row-tiles sweep all of Cout together, so their
@@ -165,7 +197,31 @@ def conv_bn_act_kernel(
     # is loaded, which keeps 128x256 tiles with a residual from spilling.
     bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + bias[None, :]
-    if SMALL_CIN:
+    if DENSE_CIN > 0:
+        # One kernel row per step (module doc): column j of the step is pixel j // DENSE_CIN of
+        # the row, channel j % DENSE_CIN; both are compile-time vectors, so the only per-element
+        # work is the left/right image-edge test (constant over each pixel's 4 channels, which
+        # keeps the loads 4-element vectors). Offsets of a row's first pixel are multiples of
+        # DENSE_CIN elements: 8-byte aligned in 16-bit types.
+        ROW: tl.constexpr = KW * DENSE_CIN
+        j = tl.arange(0, ROW_K)
+        j_ok = j < ROW
+        iw = iw0[:, None] + (j // DENSE_CIN)[None, :]
+        col_ok = m_ok[:, None] & j_ok[None, :] & (iw >= 0) & (iw < W)
+        x_rows = ((img * H + ih0) * W + iw0) * DENSE_CIN
+        w_rows = offs_n * (KH * ROW)
+        for r in range(KH):
+            ih = ih0 + r * DIL_H
+            a_ok = col_ok & ((ih >= 0) & (ih < H))[:, None]
+            a = tl.load(x_ptr + ((x_rows + r * DIL_H * W * DENSE_CIN)[:, None] + j[None, :]),
+                        mask=a_ok, other=0.0)
+            if HAS_PRE:
+                a = _pre_activation(a, a_ok, j % DENSE_CIN, j_ok, pre_scale_ptr, pre_bias_ptr,
+                                    PAD_H + PAD_W > 0)
+            b = tl.load(w_ptr + (w_rows[None, :] + (r * ROW + j)[:, None]),
+                        mask=j_ok[:, None] & n_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif SMALL_CIN:
         # Every element of this gather has its own tap. (Per-column tap offsets, a per-row pixel
         # base and unsigned bound checks cut the sm_90a loop by 13-20 % of its instructions but
         # measured 1546 us against 1298 us for this form on an H100: benchmarks/NOTES.md.)
@@ -300,6 +356,7 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
     cout, _, kh, kw = w_shape
     ho, wo = conv_output_hw(h, w, kh, kw, stride, padding, dilation)
     m = n * ho * wo
+    dense = dense_rows(cin, kw, dilation[1])
     # 32-bit math must hold every element's offset and the last tile's row indices: only
     # tensors near 2**31 elements pay for 64-bit math
     int64_offsets = needs_int64_index(max(n * cin * h * w, m * cout) + ROW_INDEX_MARGIN)
@@ -308,7 +365,9 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
     constexprs = dict(
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         DIL_H=dilation[0], DIL_W=dilation[1], HAS_RESIDUAL=residual, RELU=relu, HAS_PRE=pre,
-        STATS=stats, SMALL_CIN=cin < SMALL_CIN, INT64_OFFSETS=int64_offsets,
+        STATS=stats, SMALL_CIN=cin < SMALL_CIN,
+        DENSE_CIN=cin if dense else 0, ROW_K=triton.next_power_of_2(max(kw * cin, 16)) if dense else 16,
+        INT64_OFFSETS=int64_offsets,
         INPUT_PRECISION=input_precision(dtype),
     )
     return (n, cout, ho, wo), scalars, constexprs
@@ -414,16 +473,39 @@ def _run(x, weight, bias, stride, padding, dilation, residual, relu, pre_scale, 
     return out, launch
 
 
+def prepared_launch(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, residual: bool,
+                    relu: bool, pre: bool):
+    """The launch record of an inference call that has run (config known), for
+    :func:`relaunch`; None when there is none (the call has not run, or it autotunes still)."""
+    config = _asked_config(None)
+    launch = _launch_for(x, weight, stride, padding, dilation, residual, relu, pre, False, config)
+    return launch if launch.kwargs is not None and launch.partials is None else None
+
+
+def relaunch(launch: "_Launch", x, weight, bias, residual, pre_scale, pre_bias) -> torch.Tensor:
+    """conv_bn_act again for tensors of the same shapes, dtypes and layouts as the call that
+    made ``launch`` (:func:`prepared_launch`): straight to the kernel, no checks or lookups."""
+    out = torch.empty(launch.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    args = (x, weight, bias, residual, pre_scale, pre_bias, out, None)
+    if launch.relaunch is None:  # the first repeat launches through run and keeps the binary
+        launch.relaunch = direct_launcher(conv_bn_act_kernel, launch.grid, args,
+                                          {"PART_TILES": 1, **launch.kwargs})
+    else:
+        launch.relaunch(*args)
+    return out
+
+
 class _Launch:
     """What one layer's launches share: output shape, kernel arguments other than the tensors,
     and, once known, the config and grid. Keyed by everything it is derived from."""
 
-    __slots__ = ("out_shape", "scalars", "constexprs", "config", "kwargs", "grid", "partials")
+    __slots__ = ("out_shape", "scalars", "constexprs", "config", "kwargs", "grid", "partials", "relaunch")
 
     def __init__(self, out_shape, scalars, constexprs, config):
         self.out_shape = torch.Size(out_shape)
         self.scalars, self.constexprs = scalars, constexprs
         self.config = self.kwargs = self.grid = None
+        self.relaunch = None  # kernels/launch.py's direct launcher, after the first relaunch
         self.partials = None  # the statistics buffers of the launch in flight (conv_stats)
         if config is not None:
             self.set_config(config)
@@ -435,6 +517,7 @@ class _Launch:
         self.config = config
         self.grid = self.grid_fn(config.kwargs)
         self.kwargs = {**self.scalars, **self.constexprs, **config.all_kwargs()}
+        self.relaunch = None
 
 
 _launches: dict = {}
@@ -503,21 +586,5 @@ def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), paddi
     pointers = dict(x_ptr=elem, w_ptr=elem, bias_ptr="*fp32", res_ptr=elem if residual else None,
                     pre_scale_ptr="*fp32" if pre else None, pre_bias_ptr="*fp32" if pre else None,
                     y_ptr=elem, part_ptr="*fp32" if stats else None)
-    fn = conv_bn_act_kernel
-    signature, attrs = {}, {}
-    for name in fn.arg_names:
-        if name in pointers and pointers[name] is not None:
-            signature[name] = pointers[name]
-            attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-        elif name in scalars and scalars[name] != 1:
-            signature[name] = "i32"
-            if scalars[name] % 16 == 0:
-                attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "constexpr"
-            if name in pointers:
-                constexprs[name] = None
-            elif name in scalars:
-                constexprs[name] = 1
-    return dict(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
-                options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    return compile_spec(conv_bn_act_kernel, pointers, scalars, constexprs,
+                        {"num_warps": config.num_warps, "num_stages": config.num_stages})

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from . import backends, fx_fusion, plan
-from .fusion_rules import has_hooks, why_not_torchvision_block, why_not_torchvision_pair
-from .modules import BasicBlock, Bottleneck, ConvBNAct, FusedBlock, UnitState, fused_conv, to_nhwc
+from .fusion_rules import has_hooks, pool_refusal, why_not_torchvision_block, why_not_torchvision_pair
+from .modules import BasicBlock, Bottleneck, ConvBNAct, FusedBlock, UnitState, fused_conv, fused_max_pool, to_nhwc
 from .plan import FUSED_KINDS, FusedUnit, unit_of
 
 try:  # torchvision is the reference, not a runtime dependency
@@ -47,20 +47,22 @@ if _tv is not None:
         """torchvision's ResNet whose stem conv1 → bn1 → relu runs as one fused op in eval().
 
         ``convert`` gives an existing ResNet this class in place (its state is untouched);
-        in eval() the input is converted to channels_last once, here, for the whole model
-        (torchvision's forward is known to be indifferent to memory format).
+        in eval() the input changes memory format once, in the fused stem's input conversion
+        (NHWC, padded to the stem kernel's channel count: Backend.kernel_input), and the whole
+        model runs channels_last after it (torchvision's forward is known to be indifferent to
+        memory format).
         """
 
         def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
-            if x.dim() == 4 and not self.training:
-                be = backends.resolve(self.backend, x, weight=self.conv1.weight, groups=self.conv1.groups)
-                if be.requires_nhwc:
-                    x = to_nhwc(x)
             if has_hooks(self.relu):  # the fused stem would skip the ReLU module's hooks
+                if x.dim() == 4 and not self.training:
+                    be = backends.resolve(self.backend, x, weight=self.conv1.weight, groups=self.conv1.groups)
+                    if be.requires_nhwc:
+                        x = to_nhwc(x)  # the unfused stem: the rest of the model still runs NHWC
                 x = self.relu(self.bn1(self.conv1(x)))
             else:  # fused_conv runs conv1 and bn1 themselves when they have hooks
                 x = fused_conv(x, self.conv1, self.bn1, self._stem_unit, relu=True, backend=self.backend)
-            x = self.maxpool(x)
+            x = fused_max_pool(self.maxpool, x, self.backend)
             x = self.layer1(x)
             x = self.layer2(x)
             x = self.layer3(x)
@@ -70,8 +72,10 @@ if _tv is not None:
             return self.fc(x)
 
         def fused_units(self) -> list[FusedUnit]:
-            """The stem unit this module runs (its blocks run their own)."""
-            return [unit_of("conv1", self.conv1, "bn1", relu=True)]
+            """The stem unit this module runs (its blocks run their own), with the max-pool
+            after it when that runs as the NHWC pool kernel."""
+            pool = "maxpool" if pool_refusal(self.maxpool) is None else None
+            return [unit_of("conv1", self.conv1, "bn1", relu=True, pool=pool)]
 
     class FusedBasicBlock(FusedBlock, _tv.BasicBlock):
         """torchvision's BasicBlock, fused in eval(); ``convert`` gives a block this class in place."""
@@ -176,16 +180,21 @@ class FusionSummary(list):
         lines = [f"{'conv':<{w}}  {'fused':<28}  {'training':<{t}}  reason",
                  f"{'-' * w}  {'-' * 28}  {'-' * t}  ------"]
         for r in self:
-            lines.append(f"{r['name']:<{w}}  {'+'.join(r['fused']) or '-':<28}  "
+            fused = "+".join(r["fused"]) or "-"
+            if r.get("pool"):
+                fused += f" -> {r['pool']} (NHWC pool)"
+            lines.append(f"{r['name']:<{w}}  {fused:<28}  "
                          f"{r['training'] or '-':<{t}}  {r['reason'] or ''}")
         return "\n".join(lines)
 
 
 def fusion_summary(model: nn.Module) -> FusionSummary:
-    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused", "training"}.
+    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused", "training", "pool"}.
 
     "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
     (see FUSED_KINDS; empty when none); "reason" None, or why it is not (or not fully) fused;
+    "pool" the name of the max-pool that runs after the unit on the op contract's values-only
+    NHWC pool (``ops.max_pool2d``) in eval(), or None;
     "runs_fused" whether the conv runs on resnet_fast's conv op in eval() (every fused conv,
     and a stem with nothing to fuse: see fusion_rules.BARE_UNIT_MAX_CIN); "training" what a
     train() forward runs for it, in words (:func:`resnet_fast.plan.training_dataflow`; None where
@@ -205,7 +214,7 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
             reason = _nearest_note(notes, name) or "not part of a recognised conv pattern"
         train = plan.training_dataflow(unit, model) if unit is not None else None
         out.append({"name": name, "fused": kinds, "reason": reason, "runs_fused": unit is not None,
-                    "training": train})
+                    "training": train, "pool": unit.pool if unit is not None else None})
     return out
 
 

@@ -27,7 +27,8 @@ PACKAGES = {"torch": ("torch", ("torch",)), "triton": ("triton", ("triton", "pyt
             "torchvision": ("torchvision", ("torchvision",)), "timm": (None, ("timm",)),
             "cutlass": (None, ("nvidia-cutlass",)), "ninja": (None, ("ninja",))}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-ENV_VARS = ("RESNET_FAST_BACKEND", "RESNET_FAST_CACHE", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH",
+ENV_VARS = ("RESNET_FAST_BACKEND", "RESNET_FAST_CACHE", "RESNET_FAST_AUTO", "RESNET_FAST_CACHE_DIR",
+            "RESNET_FAST_TRITON_TMA", "RESNET_FAST_TRITON_CONV_CONFIG", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CUDA_PATH",
             "CUDA_VISIBLE_DEVICES", "TRITON_INTERPRET", "TRITON_CACHE_DIR", "TORCH_EXTENSIONS_DIR",
             "MAX_JOBS")
 
@@ -136,8 +137,10 @@ def caches() -> dict:
             lib = os.path.join(ext, d, d + ".so")
             if d.startswith("resnet_fast_cuda") and os.path.exists(lib):
                 built.append(lib)
+    from .backends import measured
     return {"torch_extensions": ext, "cuda_extension_builds": built, "triton": triton_dir,
-            "kernel_report": str(default_cache_dir())}
+            "kernel_report": str(default_cache_dir()),
+            "backend_choices": str(measured.cache_dir() / "choices.json")}
 
 
 def collect(with_backends: bool = True) -> dict:
@@ -173,7 +176,7 @@ def format_text(env: dict) -> str:
             lines.append(f"backends {device}/{dname}: auto -> {row['auto']}; " + "; ".join(parts))
     c = env["caches"]
     lines.append(f"caches: torch extensions {c['torch_extensions']}; triton {c['triton']}; "
-                 f"kernel report {c['kernel_report']}")
+                 f"kernel report {c['kernel_report']}; auto's measured choices {c['backend_choices']}")
     for lib in c["cuda_extension_builds"]:
         lines.append(f"  cuda extension built: {lib}")
     if env["env_vars"]:

@@ -222,10 +222,26 @@ def _check_fold(cached, fresh, conv) -> None:
                 f"replay). Call resnet_fast.refresh(model) after such writes.")
 
 
+def pack_folded(backend, w: torch.Tensor, groups: int, pre: bool = False) -> torch.Tensor:
+    """A folded weight as ``backend``'s inference kernel reads it: packed (its layout) and, where
+    the backend wants a wider input (Backend.input_channels: the Triton stem, 3 -> 4 channels),
+    with zero input channels appended; the caller passes its input through
+    ``backend.kernel_input(x, w.shape[1] * groups)``. Not with a pre-activation prologue, whose
+    per-channel vectors have the conv's own channel count."""
+    w = backend.pack_weight(w)
+    cin = w.shape[1] * groups
+    want = cin if pre else backend.input_channels(cin, groups)
+    if want != cin:
+        wide = w.new_zeros((w.shape[0], want // groups, *w.shape[2:]))
+        wide[:, :w.shape[1]] = w
+        w = backend.pack_weight(wide)
+    return w
+
+
 @torch.no_grad()
 def _fold(conv, bn, pre_bn, dtype, backend):
     w, b = fold_conv_bn(conv, bn, dtype)
-    w = backend.pack_weight(w)
+    w = pack_folded(backend, w, conv.groups, pre_bn is not None)
     if pre_bn is None:
         return w, b, None, None
     pre_scale, pre_bias = bn_scale_shift(pre_bn, accumulate_dtype(dtype))

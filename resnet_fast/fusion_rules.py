@@ -96,6 +96,20 @@ def conv_refusal(m: nn.Module) -> Optional[str]:
     return None
 
 
+def pool_refusal(m: Optional[nn.Module]) -> Optional[str]:
+    """Why this module cannot run as the NHWC max-pool kernel (ops.max_pool2d), or None. Only
+    ever asked at call time too: hooks and return_indices can be set after convert."""
+    if m is None:
+        return "no pool"
+    if type(m) is not nn.MaxPool2d:
+        return f"{type(m).__name__} is not a plain nn.MaxPool2d"
+    if m.return_indices:
+        return "it returns indices"
+    if has_hooks(m):
+        return "it has hooks, which the pool kernel would skip"
+    return None
+
+
 def norm_kind(m: nn.Module) -> tuple[Optional[bool], Optional[str]]:
     """What a module next to a conv is, as far as fused_conv's ``bn``/``pre_bn`` go:
     (applies_relu, None) for a BatchNorm it folds (applies_relu: timm's BatchNormAct2d with
@@ -282,6 +296,9 @@ class Unit:
     add: Optional[Node] = None      # the residual add, whose other operand is the residual
     pre: Optional[Prologue] = None
     nodes: list[Node] = field(default_factory=list)  # conv [, bn] [, add] [, relu], in order
+    #: an nn.MaxPool2d call reading the unit's output alone (a stem's pool): it runs on the op
+    #: contract's NHWC pool right after the unit
+    pool: Optional[Node] = None
 
     @property
     def out(self) -> Node:
@@ -313,7 +330,8 @@ class Unit:
         """The unit as the fusion plan records it (names of the traced module's submodules)."""
         return unit_of(self.conv.target, self.module, self.bn.node.target if self.bn else None,
                        relu=self.relu, residual=self.add is not None,
-                       pre_bn=self.pre.norm.node.target if self.pre else None)
+                       pre_bn=self.pre.norm.node.target if self.pre else None,
+                       pool=self.pool.target if self.pool is not None else None)
 
 
 @dataclass
@@ -455,6 +473,11 @@ def find_units(graph: fx.Graph, modules: dict[str, nn.Module]) -> GraphMatches:
 
     rows: dict[str, tuple[tuple, Optional[str]]] = {}
     fused = [u for u in units.values() if u.runs_fused]
+    for u in fused:
+        user = _only_user(u.out)
+        if (user is not None and user.op == "call_module" and len(user.args) == 1 and not user.kwargs
+                and pool_refusal(modules.get(user.target)) is None):
+            u.pool = user
     for u in fused:
         if u.fuses_anything:
             rows.setdefault(u.conv.target, (u.describe().kinds, None))

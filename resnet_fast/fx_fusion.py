@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from . import ops
 from .fusion_rules import GraphMatches, find_units, has_hooks, special_leaf
-from .modules import UnitState, fused_conv, like_input, reference_reason
+from .modules import UnitState, fused_conv, fused_max_pool, like_input, reference_reason
 from .plan import FusedUnit
 
 #: the attribute of a converted module that holds its FusedGraph (not a submodule: no state_dict)
@@ -212,6 +212,13 @@ def fused_unit(state: "FusedGraph", key: str, *, x, residual, conv, bn, pre_bn, 
     return like_input(y, like) if isinstance(like, torch.Tensor) else y
 
 
+def fused_pool(state: "FusedGraph", *, x, pool, like):
+    """The max-pool after a unit (a stem's) in a rewritten graph: modules.fused_max_pool, the
+    op contract's values-only NHWC pool where it applies; ``like`` as in fused_unit."""
+    y = fused_max_pool(pool, x, state.backend)
+    return like_input(y, like) if isinstance(like, torch.Tensor) else y
+
+
 def fused_join(state: "FusedGraph", *, a, b):
     """relu(a + b) of a rewritten graph, a residual join no conv epilogue took: the add_relu op
     for operands it takes (one shape, dtype, device and memory order), else torch's own."""
@@ -246,7 +253,7 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
             shared = graph.call_function(dict, ())  # one per forward: see fused_unit
     first_input = placeholders[0] if placeholders else None
 
-    units, calls, dead = [], [], []
+    units, calls, dead, pools = [], [], [], []
     for u in matches.units:
         key = u.conv.name
         with graph.inserting_before(u.out):
@@ -258,6 +265,13 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
         u.out.replace_all_uses_with(call)
         for n in reversed(u.nodes):
             graph.erase_node(n)
+        if u.pool is not None:
+            with graph.inserting_before(u.pool):
+                pool = graph.call_function(fused_pool, (state,), dict(
+                    x=call, pool=graph.get_attr(u.pool.target), like=None))
+            u.pool.replace_all_uses_with(pool)
+            graph.erase_node(u.pool)
+            pools.append(pool)
         if u.pre is not None:
             dead += [n for n in reversed(u.pre.nodes) if n not in dead]
         units.append((key, u.describe()))
@@ -272,8 +286,9 @@ def rewrite(graph: fx.Graph, matches: GraphMatches) -> list[tuple[str, FusedUnit
         graph.erase_node(j.relu)
         graph.erase_node(j.add)
     # results read by anything but another fused op get the input's memory format back
-    for call in calls:
-        if any(user.target is not fused_unit or call not in (user.kwargs["x"], user.kwargs["residual"])
+    for call in calls + pools:
+        if any(not (user.target is fused_pool and call is user.kwargs["x"])
+               and (user.target is not fused_unit or call not in (user.kwargs["x"], user.kwargs["residual"]))
                for user in call.users):
             call.update_kwarg("like", first_input)
     graph.lint()

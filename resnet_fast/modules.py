@@ -11,6 +11,7 @@ module the fused path would skip, torchvision's own code.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Optional
 
@@ -19,8 +20,9 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from . import backends, ops, training
+from .backends import measured
 from .fold import FoldCache
-from .fusion_rules import conv_refusal, fusable_downsample, has_hooks
+from .fusion_rules import conv_refusal, fusable_downsample, has_hooks, pool_refusal
 from .plan import FusedUnit, unit_of
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -99,13 +101,13 @@ def to_nhwc(t: torch.Tensor) -> torch.Tensor:
 
 class UnitState:
     """What one fused unit keeps between calls: its folded tensors (a never-stale FoldCache)
-    and the (call signature, output shape) of its last call that passed the argument checks."""
+    and its last eval() call, ready to repeat (:class:`_ReadyCall`)."""
 
-    __slots__ = ("fold", "checked")
+    __slots__ = ("fold", "ready")
 
     def __init__(self):
         self.fold = FoldCache()
-        self.checked = None
+        self.ready = None
 
     # derived state: a copy or a pickle starts empty
     def __getstate__(self):
@@ -117,16 +119,18 @@ class UnitState:
 
 def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], state: UnitState, *,
                relu: bool, residual: Optional[torch.Tensor] = None, pre_bn: Optional[_BN] = None,
-               backend=None, shared: Optional[dict] = None) -> torch.Tensor:
+               backend=None, shared: Optional[dict] = None, inference: bool = False) -> torch.Tensor:
     """act(bn(conv(pre(x))) [+ residual]) with pre(x) = relu(pre_bn(x)) when pre_bn is given.
     ``shared``: a per-forward dict in which training keeps pre-activations computed once
-    (see fx_fusion.fused_unit).
+    (see fx_fusion.fused_unit). ``inference``: the caller (a block's eval() forward) has found
+    no reason for the reference or the training path for every module of this call and for
+    its inputs, so neither is asked again here.
 
     eval() without autograd: one fused op on the backend with folded weights (cached). train(),
     autograd or autocast: the training ops (:func:`resnet_fast.training.unit_forward`). Hooks on
     the modules (see _needs_reference): the modules' own forward, so hooks fire as in torch.
     """
-    if reference_reason((x, residual), (conv, bn, pre_bn), backend) is not None:
+    if not inference and reference_reason((x, residual), (conv, bn, pre_bn), backend) is not None:
         if pre_bn is not None:
             x = torch.relu(pre_bn(x))
         y = conv(x)
@@ -135,34 +139,79 @@ def fused_conv(x: torch.Tensor, conv: nn.Conv2d, bn: Optional[_BN], state: UnitS
         if residual is not None:
             y = y + residual
         return torch.relu(y) if relu else y
-    if training.reason((x, residual), (conv, bn, pre_bn)) is not None:
+    if not inference and training.reason((x, residual), (conv, bn, pre_bn)) is not None:
         _check_input(x, conv)
         return training.unit_forward(x, conv, bn, relu=relu, residual=residual, pre_bn=pre_bn,
                                      backend=backend, state=state, shared=shared)
 
+    # The host path. A conv called again like last time (same call signature: _ReadyCall.key)
+    # with the same folded tensors (the fold cache refolds, into new objects, whenever a
+    # parameter or buffer changes) repeats the last call as its backend prepared it: no backend
+    # resolution, argument checks or launch-record lookup, which together cost more than a
+    # small conv's kernel. Anything else takes the full path below, which prepares the next.
+    ready = state.ready
+    if ready is not None and not torch.compiler.is_compiling():
+        key = _ReadyCall.key_of(x, residual, conv, relu, backend)
+        if key == ready.key:
+            w, b, pre_scale, pre_bias = state.fold.get(conv, bn, pre_bn, x.dtype, ready.backend)
+            if w is ready.weight:
+                x = ready.backend.kernel_input(x, ready.in_channels)
+                if residual is not None and ready.backend.requires_nhwc:
+                    residual = to_nhwc(residual)
+                return ready.run(x, w, b, residual, pre_scale, pre_bias)
+
     _check_input(x, conv)
-    be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups, pre=pre_bn is not None)
+    be = backends.resolve(backend, x, weight=conv.weight, groups=conv.groups, pre=pre_bn is not None,
+                          call=(conv.stride, conv.padding, conv.dilation, residual is not None, relu))
     w, b, pre_scale, pre_bias = state.fold.get(conv, bn, pre_bn, x.dtype, be)
-    if be.requires_nhwc:
-        x = to_nhwc(x)
-        residual = to_nhwc(residual) if residual is not None else None
+    key = None if torch.compiler.is_compiling() else _ReadyCall.key_of(x, residual, conv, relu, backend)
+    # NHWC where the backend needs it, and zero channels where its packed weight has them (the
+    # Triton stem): one pass, which for a model's stem is its one layout conversion
+    x = be.kernel_input(x, w.shape[1] * conv.groups)
+    if be.requires_nhwc and residual is not None:
+        residual = to_nhwc(residual)
     stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-    # The checks depend only on what this signature holds (the folded tensors are refolded, so
-    # new objects, whenever a parameter or buffer changes; layouts are fixed just above), so a
-    # conv called again like last time skips them: they cost as much as a small conv's launch.
-    sig = (w, x.shape, x.dtype, x.device, be, conv.stride, conv.padding, conv.dilation, conv.groups,
-           None if residual is None else (residual.shape, residual.dtype, residual.device))
-    checked = state.checked
-    if checked is not None and _same_signature(checked[0], sig):
-        out_shape = checked[1]
-    else:
-        out_shape = ops.check_conv_bn_act_args(x, w, b, stride, padding, dilation, conv.groups,
-                                               residual, pre_scale, pre_bias,
-                                               require_nhwc=be.requires_nhwc)
-        if not torch.compiler.is_compiling():
-            state.checked = (sig, out_shape)
-    return ops.run_checked_conv_bn_act(be, out_shape, x, w, b, stride, padding, dilation, conv.groups,
-                                       residual, relu, pre_scale, pre_bias)
+    out_shape = ops.check_conv_bn_act_args(x, w, b, stride, padding, dilation, conv.groups,
+                                           residual, pre_scale, pre_bias, require_nhwc=be.requires_nhwc)
+    y = ops.run_checked_conv_bn_act(be, out_shape, x, w, b, stride, padding, dilation, conv.groups,
+                                    residual, relu, pre_scale, pre_bias)
+    if key is not None and out_shape[0] > 0:
+        state.ready = _ReadyCall(key, be, w, w.shape[1] * conv.groups,
+                                 be.prepare_conv(x, w, b, stride, padding, dilation, conv.groups,
+                                                 residual, relu, pre_scale, pre_bias))
+    return y
+
+
+class _ReadyCall:
+    """A unit's last eval() call, prepared by its backend to run again (fused_conv's host
+    path). ``key`` holds everything besides the folded tensors that decided the call: the input
+    and residual signatures, the conv's layout attributes, the epilogue, and what backend
+    resolution read (the backend asked for, the environment's default, the measured-choice
+    switch, torch's TF32 switch that the Triton kernels follow)."""
+
+    __slots__ = ("key", "backend", "weight", "in_channels", "run")
+
+    def __init__(self, key, backend, weight, in_channels, run):
+        self.key, self.backend, self.weight, self.in_channels, self.run = key, backend, weight, in_channels, run
+
+    @staticmethod
+    def key_of(x, residual, conv, relu, backend) -> tuple:
+        env = os.environ
+        return (x.shape, x.dtype, x.device, x.stride(), backend,
+                None if residual is None else (residual.shape, residual.dtype, residual.device, residual.stride()),
+                conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode, relu,
+                env.get(backends.ENV_VAR), env.get(measured.ENV_VAR), torch.backends.cudnn.allow_tf32)
+
+
+def fused_max_pool(pool: nn.Module, x: torch.Tensor, backend=None) -> torch.Tensor:
+    """``pool(x)`` for an nn.MaxPool2d after a fused stem: the values-only NHWC pool of the op
+    contract (ops.max_pool2d) where it applies (an NHWC input, no autograd recording, no hooks,
+    no indices asked, nothing global watching module calls), else the module itself."""
+    if (pool_refusal(pool) is not None or global_hooks() or torch.jit.is_tracing()
+            or not ops.is_nhwc(x) or (torch.is_grad_enabled() and x.requires_grad)):
+        return pool(x)
+    return ops.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                          pool.ceil_mode, backend=backend)
 
 
 def _check_input(x: torch.Tensor, conv: nn.Conv2d) -> None:
@@ -177,11 +226,6 @@ def _check_input(x: torch.Tensor, conv: nn.Conv2d) -> None:
                         f"cast one of them (e.g. model.to({x.dtype}))")
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported by the fused conv")
-
-
-def _same_signature(a: tuple, b: tuple) -> bool:
-    # the folded weight by identity (`==` on tensors would compare values)
-    return a[0] is b[0] and a[1:] == b[1:]
 
 
 class ConvBNAct(nn.Module):
@@ -275,25 +319,29 @@ class FusedBlock(nn.Module):
             out = training.block_forward(self, x, fusable_downsample(self.downsample))
             return like_input(out, x)
         entry = x
-        be = backends.resolve(self.backend, x, weight=getattr(self, self._units[0][0]).weight,
-                              groups=getattr(self, self._units[0][0]).groups)
-        if be.requires_nhwc:
-            x = to_nhwc(x)  # once per block here; a converted model converts once at its entry
+        mods = self._modules
+        if not ops.is_nhwc(x):  # a converted model's blocks get NHWC from its entry
+            first = mods[self._units[0][0]]
+            if backends.resolve(self.backend, x, weight=first.weight, groups=first.groups).requires_nhwc:
+                x = to_nhwc(x)
+        # every module the units call was checked above (skipped): each unit skips the checks
         out = x
         for cname, bname in self._units[:-1]:
-            out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._unit_states[cname],
-                             relu=True, backend=self.backend)
-        ds = fusable_downsample(self.downsample)
+            out = fused_conv(out, mods[cname], mods[bname], self._unit_states[cname],
+                             relu=True, backend=self.backend, inference=True)
+        ds = fusable_downsample(mods.get("downsample"))
         if ds is not None:
             identity = fused_conv(x, ds[0], ds[1], self._unit_states["downsample"], relu=False,
-                                  backend=self.backend)
+                                  backend=self.backend, inference=True)
         elif self.downsample is not None:
             identity = self.downsample(x)
         else:
             identity = x
         cname, bname = self._units[-1]
-        out = fused_conv(out, getattr(self, cname), getattr(self, bname), self._unit_states[cname],
-                         relu=True, residual=identity, backend=self.backend)
+        # the identity of a downsample module of the user's own was not checked: the unit does
+        inference = ds is not None or self.downsample is None
+        out = fused_conv(out, mods[cname], mods[bname], self._unit_states[cname],
+                         relu=True, residual=identity, backend=self.backend, inference=inference)
         return like_input(out, entry)
 
     def fused_units(self) -> list[FusedUnit]:

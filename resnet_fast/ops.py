@@ -340,6 +340,53 @@ _libraries: dict[str, torch.library.Library] = {}
 
 
 # --------------------------------------------------------------------------------------
+# The max-pool after a stem: values only (eager CUDA writes int64 indices inference drops)
+# --------------------------------------------------------------------------------------
+MAX_POOL_SCHEMA = ("(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+                   "bool ceil_mode) -> Tensor")
+
+
+def max_pool2d_reference(x, kernel_size, stride, padding, dilation, ceil_mode):
+    return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def max_pool2d_fake(x, kernel_size, stride, padding, dilation, ceil_mode):
+    # torch's own shape rule (on the fake tensor), in the kernels' memory format
+    shape = F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode).shape
+    return empty_nhwc(x, tuple(shape)) if is_nhwc(x) else x.new_empty(shape)
+
+
+def define_max_pool_op(suffix: str, impl):
+    """resnet_fast::max_pool2d_<suffix>: the schema, the shared fake and ``impl``. Inference
+    only (no autograd formula): :func:`max_pool2d` takes torch's pool where autograd records."""
+    qual = f"max_pool2d_{suffix}"
+    lib = _libraries.get("pool_" + suffix)
+    if lib is None:
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        lib.define(qual + MAX_POOL_SCHEMA)
+        torch.library.register_fake(f"{NAMESPACE}::{qual}", max_pool2d_fake, lib=lib)
+        lib.impl(qual, impl, "CompositeExplicitAutograd")
+        _libraries["pool_" + suffix] = lib
+    return getattr(getattr(torch.ops, NAMESPACE), qual).default
+
+
+def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False, *,
+               backend: Union[str, "Backend", None] = None) -> torch.Tensor:
+    """F.max_pool2d's values (no indices) on the chosen backend: the Triton kernel for NHWC
+    inputs, torch's pool otherwise and wherever autograd records (the kernel has no backward)."""
+    from .backends import resolve
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"max_pool2d expects a tensor, got {type(x).__name__}")
+    kernel_size = pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None or stride == () or stride == [] else pair(stride, "stride")
+    padding, dilation = pair(padding, "padding"), pair(dilation, "dilation")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return resolve(backend, x).max_pool2d(x, kernel_size, stride, padding, dilation, bool(ceil_mode))
+
+
+# --------------------------------------------------------------------------------------
 # Public entry points: dispatch by backend.
 # --------------------------------------------------------------------------------------
 def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -357,7 +404,8 @@ def conv_bn_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
     _check_conv_tensors(x, weight, bias, residual, pre_scale, pre_bias)
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    be = resolve(backend, x, weight=weight, groups=groups, pre=pre_scale is not None)
+    be = resolve(backend, x, weight=weight, groups=groups, pre=pre_scale is not None,
+                 call=(stride, padding, dilation, residual is not None, relu))
     out_shape = check_conv_bn_act_args(x, weight, bias, stride, padding, dilation, groups,
                                        residual, pre_scale, pre_bias, require_nhwc=be.requires_nhwc)
     return run_checked_conv_bn_act(be, out_shape, x, weight, bias, stride, padding, dilation, groups,

@@ -44,6 +44,9 @@ class FusedUnit:
     #: in train(), whether the conv's input arrives as a raw conv output plus a BatchNorm the
     #: kernel applies as it loads (the previous conv's, or a pre-activation BN)
     train_pre: bool = False
+    #: the nn.MaxPool2d that runs on this unit's output as the op contract's NHWC max-pool
+    #: (values only) in eval(): the stem's pool
+    pool: Optional[str] = None
 
     @property
     def kinds(self) -> tuple:
@@ -79,14 +82,16 @@ class FusedUnit:
         if not prefix:
             return self
         q = (lambda n: f"{prefix}.{n}" if n else n)
-        return dataclasses.replace(self, conv=q(self.conv), bn=q(self.bn), pre_bn=q(self.pre_bn))
+        return dataclasses.replace(self, conv=q(self.conv), bn=q(self.bn), pre_bn=q(self.pre_bn),
+                                   pool=q(self.pool))
 
 
 def unit_of(conv_name: str, conv: nn.Conv2d, bn: Optional[str] = None, *, relu: bool = False,
             residual: bool = False, pre_bn: Optional[str] = None, train_apply: str = "pass",
-            train_pre: bool = False) -> FusedUnit:
+            train_pre: bool = False, pool: Optional[str] = None) -> FusedUnit:
     """A FusedUnit for ``conv`` (named ``conv_name``), reading its bias from the module."""
-    return FusedUnit(conv_name, bn, pre_bn, relu, residual, conv.bias is not None, train_apply, train_pre)
+    return FusedUnit(conv_name, bn, pre_bn, relu, residual, conv.bias is not None, train_apply, train_pre,
+                     pool)
 
 
 def training_dataflow(unit: FusedUnit, model: nn.Module) -> str:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import backends
-from .fold import accumulate_dtype, bn_scale_shift, fold_conv_bn
+from .fold import accumulate_dtype, bn_scale_shift, fold_conv_bn, pack_folded
 from .ops import check_conv_bn_act_args, conv_bn_act, is_nhwc
 from .train_ops import TrainingOps
 
@@ -181,6 +181,13 @@ class Runner:
             bias = None if conv.bias is None else conv.bias.to(accumulate_dtype(self.dtype))
             check_conv_bn_act_args(x, w, bias, stride, padding, dilation, conv.groups, None, pre_scale,
                                    pre_bias, require_nhwc=be.requires_nhwc, bias_optional=True)
+            wide = be.input_channels(x.shape[1], conv.groups)
+            if wide != x.shape[1] and pre_scale is None and not x.requires_grad:
+                # the stem: the image padded to the kernel's dense-row width in its layout
+                # conversion, the weight with zero input channels (F.pad: its gradient is the
+                # slice back, so the parameter's gradient is the 3-channel conv's)
+                x = be.kernel_input(x, wide)
+                w = torch.nn.functional.pad(w, (0, 0, 0, 0, 0, (wide - w.shape[1] * conv.groups) // conv.groups))
             y, mean, var = ops.conv_stats(x, be.pack_weight(w), bias, stride, padding,
                                                dilation, conv.groups, pre_scale, pre_bias,
                                                inp.mean, inp.invstd)
@@ -197,6 +204,13 @@ class Runner:
             return Act(self.tail(out, residual, relu))
         w, b = self._folded(conv, bn, state, be)
         res = None if residual is None or residual.pending else residual.y
+        if w.shape[1] * conv.groups != x.shape[1] and (
+                pre_scale is not None or (torch.is_grad_enabled() and x.requires_grad)):
+            # a stem weight packed wider (fold.pack_folded) meets a prologue of the conv's own
+            # width (a BN'd 1-3 channel input), or an input that needs its gradient (the padding
+            # kernel has no backward): the zero input channels go again
+            w = be.pack_weight(w[:, :x.shape[1] // conv.groups])
+        x = be.kernel_input(x, w.shape[1] * conv.groups)  # a packed stem weight is wider
         y = conv_bn_act(x, w, b, stride, padding, dilation, conv.groups, res,
                         relu and (residual is None or res is not None), pre_scale, pre_bias, backend=be)
         if residual is not None and res is None:  # the shortcut's BN is still pending
@@ -220,7 +234,7 @@ class Runner:
             w, b, _, _ = state.fold.get(conv, bn, None, self.dtype, be)
             return w, b
         w, b = fold_conv_bn(conv, bn, self.dtype)  # differentiable: gradients reach the parameters
-        return be.pack_weight(w), b
+        return pack_folded(be, w, conv.groups), b
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
 #   scripts/gpu_session.sh suite       every GPU test in parallel groups, then compute-sanitizer
 #   scripts/gpu_session.sh train       fused training (issue 17): its GPU tests, then the report's
 #                                      train section for ResNet-50 batch 256 bf16 (~8 minutes)
+#   scripts/gpu_session.sh round2 [DIR] inference round 2 (issue 18): the new kernels' GPU tests
+#                                      with their timings (-s), then the report's layers + e2e
+#                                      sections for ResNet-50 batch 256 bf16 with both backends
+#                                      and their graphs, and a batch-1 e2e, into DIR (default
+#                                      benchmarks/results/round2; ~8 minutes)
 # Wheels missing there (nvidia-cutlass, and setuptools>=77 for the editable install, since that
 # machine's own setuptools may be older) travel in .whl/ (see README, "On a lent GPU").
 set -uo pipefail
@@ -71,5 +76,23 @@ case "$what" in
     timeout 330 python3 -m benchmarks.report --out "$OUT" --sections train --budget-s 300 \
       --skip train_compile_max_autotune --backends triton 2>&1 | tee -a "$OUT/bench.log"
     exit "${PIPESTATUS[0]}" ;;
+  round2)
+    dest=${1:-benchmarks/results/round2}
+    mkdir -p "$dest" "$OUT/$dest"
+    # correctness of every new kernel first, with its timing against what it replaces
+    timeout 170 python3 -m pytest -q -s -rs -p no:cacheprovider tests/gpu/test_round2_gpu.py \
+      tests/gpu/test_graphs_gpu.py 2>&1 | tee "$OUT/round2_tests.log"
+    # the figures with the defaults (the TMA 1x1 GEMM is off by default: it is checked and timed
+    # against conv_bn_act by the tests above, and a converted model runs with it on last)
+    timeout 260 python3 -m benchmarks.report --out "$dest" --sections layers e2e --budget-s 240 \
+      --backends triton cuda --skip compile_max_autotune 2>&1 | tee -a "$OUT/bench.log"
+    rc=${PIPESTATUS[0]}
+    timeout 100 python3 -m benchmarks.report --out "$dest/b1" --sections e2e --latency --budget-s 80 \
+      --backends triton cuda --skip compile_max_autotune 2>&1 | tee -a "$OUT/bench.log"
+    RESNET_FAST_TRITON_TMA=1 timeout 60 python3 -m pytest -q -s -p no:cacheprovider \
+      tests/gpu/test_round2_gpu.py -k "tma or converted" 2>&1 | tee -a "$OUT/round2_tests.log"
+    cp -r "$dest/." "$OUT/$dest/"
+    cp ~/.cache/resnet_fast/choices.json "$OUT/" 2>/dev/null || true
+    exit "$rc" ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

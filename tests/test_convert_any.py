@@ -211,7 +211,8 @@ def test_bare_stem_runs_on_the_fused_op(backend, monkeypatch):
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         y = ours(x)
-    assert len(calls) == 1 + 4 * 2 + 3 and calls[0] == 3  # the stem, two convs a block, 3 shortcuts
+    # the stem, two convs a block, 3 shortcuts; the Triton stem reads its image padded to 4 channels
+    assert len(calls) == 1 + 4 * 2 + 3 and calls[0] == (4 if backend == "triton" else 3)
     with torch.no_grad():
         assert rel_err(y, ref(x)) < (1e-5 if backend == "torch" else 1e-4)
 
@@ -582,3 +583,30 @@ def test_residual_join_on_the_triton_kernel():
     assert seen.count == 1  # resnet_fast::add_relu_triton
     with torch.no_grad():
         assert rel_err(y, ref(x)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_timm_stem_pool_runs_on_the_pool_op(layout, monkeypatch):
+    """The graph converter takes the nn.MaxPool2d that reads a fused stem alone: it runs on
+    ops.max_pool2d (values only), fusion_summary says so, results and output layout as timm's;
+    a hook on the pool runs the module itself."""
+    ref = randomize_bn(_timm("resnet18")()).eval()
+    ours = rf.convert(copy.deepcopy(ref), backend="torch")
+    rows = {r["name"]: r for r in rf.fusion_summary(ours)}
+    assert rows["conv1"]["pool"] == "maxpool" and all(r["pool"] is None for n, r in rows.items() if n != "conv1")
+    calls = []
+    real = rf.ops.max_pool2d
+    monkeypatch.setattr(rf.ops, "max_pool2d", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    x = torch.randn(2, 3, 32, 32)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y, r = ours(x), ref(x)
+    # the torch backend computes NCHW for an NCHW caller: the pool op reads NHWC only
+    assert calls == ([torch.Size([2, 64, 16, 16])] if layout == "nhwc" else []) and rel_err(y, r) < 1e-5
+    fired = []
+    ours.maxpool.register_forward_hook(lambda *a: fired.append(1))
+    calls.clear()
+    with torch.no_grad():
+        assert rel_err(ours(x), r) < 1e-5
+    assert fired == [1] and calls == []

@@ -55,6 +55,7 @@ def _subset_report(dtype, archs_, tmp_path_factory) -> dict:
         # the training variants once (bf16, both archs): their fp16 kernels are the same code
         opts = rep.ReportOptions(dtype=dtype, archs=archs_, backends=("triton",), jobs=2, progress=False,
                                  one_config_per_layer=True, training=dtype == torch.bfloat16,
+                                 other_kernels=dtype == torch.bfloat16,
                                  cubin_dir=tmp_path_factory.mktemp("cubins"))
         _reports[key] = rep.build_report(opts)
     return _reports[key]
@@ -245,3 +246,18 @@ def test_cuda_sm80_kernels_are_read_from_the_cubin():
         assert k["sass"].tensor_core == "HMMA" and k["spill_bytes"] == 0, where
         assert k["registers"] == res[k["function"]]["REG"]
         assert not k["config"].endswith("?"), f"{where}: not matched to a config name"
+
+
+def test_inference_kernels_other_than_the_conv_compile(tmp_path_factory):
+    """The stem's input conversion, the stem max-pool and the TMA 1x1 GEMM: compiled for both
+    archs without spills, the GEMM on TMA loads with HGMMA on sm_90a, each with an estimate."""
+    report = _subset_report(torch.bfloat16, ("sm_80", "sm_90a"), tmp_path_factory)
+    rows = report["inference_kernels"]
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90a"}
+    for r in rows:
+        assert r.get("ok"), r
+        assert r["spill_bytes"] == 0 and r["estimate_us"] > 0, r
+        if r["kernel"] == "gemm_bn_act_kernel" and r["arch"] == "sm_90a":
+            assert r["tma_loads"] > 0 and any(k.startswith("HGMMA") for k in r["mma"]), r
+    labels = {r["label"] for r in rows}
+    assert any("max-pool" in x for x in labels) and any("stem input" in x for x in labels)

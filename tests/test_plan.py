@@ -58,7 +58,7 @@ def test_units_of_each_converter_path():
     # torchvision fast path: blocks and the stem describe their own units
     m = rf.convert(torchvision.models.resnet18())
     units = {u.conv: u for u in plan.units(m)}
-    assert units["conv1"] == plan.FusedUnit("conv1", "bn1", relu=True)
+    assert units["conv1"] == plan.FusedUnit("conv1", "bn1", relu=True, pool="maxpool")  # the NHWC pool after it
     assert units["layer2.0.conv2"] == plan.FusedUnit("layer2.0.conv2", "layer2.0.bn2", relu=True, residual=True,
                                                      train_apply="tail", train_pre=True)
     assert units["layer2.0.downsample.0"] == plan.FusedUnit("layer2.0.downsample.0", "layer2.0.downsample.1",

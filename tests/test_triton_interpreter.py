@@ -36,6 +36,10 @@ CONVS = {
     "3x3_dil2": (19, 7, 3, 1, 2, 2, (2, 9, 9)),
     "7x7_s2_stem": (3, 20, 7, 2, 3, 1, (2, 13, 12)),  # the flat-K path (Cin < 16)
     "3x3_small_cin": (5, 11, 3, 1, 1, 1, (2, 8, 7)),  # the flat-K path with padding
+    # the dense-row path (an input padded to 4 or 8 channels): edges on both sides of each row
+    "7x7_s2_dense4": (4, 20, 7, 2, 3, 1, (2, 13, 11)),
+    "3x3_dense8": (8, 11, 3, 1, 1, 1, (2, 7, 9)),
+    "5x5_s2_dense4_nopad": (4, 9, 5, 2, 0, 1, (1, 12, 9)),
 }
 
 
@@ -76,7 +80,7 @@ def test_conv_64bit_offsets(monkeypatch):
     # The 64-bit index path, on a small tensor: force the switch the launcher sets for huge ones.
     monkeypatch.setattr(index_width, "INT32_INDEX_LIMIT", 0)
     monkeypatch.setattr(conv_kernels, "_launches", {})  # launch records hold the index width
-    for name in ("3x3_s2", "7x7_s2_stem"):
+    for name in ("3x3_s2", "7x7_s2_stem", "7x7_s2_dense4"):
         args = make_conv(name, torch.float32, residual=True, pre=True)
         assert rel_err(launch(args, True), reference(args, True, torch.float64)) < 1e-5
 
@@ -293,3 +297,134 @@ def test_opcheck_add_relu():
     a, b = (torch.randn(2, 3, 4, 5).contiguous(memory_format=CL) for _ in range(2))
     torch.library.opcheck(torch.ops.resnet_fast.add_relu_triton.default, (a, b))
     torch.library.opcheck(torch.ops.resnet_fast.add_relu_inplace_triton.default, (a, b))
+
+
+# ---- the stem's input: NCHW -> NHWC with zero channels, and the dense-row path it feeds ----
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "view"])
+def test_to_nhwc_padded(layout, dtype):
+    from resnet_fast.kernels import layout as layout_kernels
+
+    x = torch.randn(2, 3, 17, 23).to(dtype)
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=CL)
+    elif layout == "view":  # a strided crop of a bigger image
+        x = torch.randn(2, 5, 20, 30).to(dtype)[:, 1:4, 2:19, 3:26]
+    out = torch.full((2, 4, 17, 23), float("nan"), dtype=dtype).contiguous(memory_format=CL)
+    y = layout_kernels.to_nhwc_padded(x, 4, out=out)
+    assert y is out and y.is_contiguous(memory_format=CL)
+    assert torch.equal(y[:, :3], x) and torch.equal(y[:, 3], torch.zeros_like(y[:, 3]))
+    with pytest.raises(ValueError, match="power of two"):
+        layout_kernels.to_nhwc_padded(x, 6)
+    with pytest.raises(ValueError, match="at least 3"):
+        layout_kernels.to_nhwc_padded(x, 2)
+    assert layout_kernels.to_nhwc_padded(x[:0], 4).shape == (0, 4, 17, 23)
+
+
+def test_stem_runs_dense_rows_with_its_input_padded():
+    """A converted stem on the Triton backend: the fold packs a 4-channel weight (zero 4th
+    column), fused_conv pads the image in its one layout conversion, the kernel takes the
+    dense-row path, and the result is the 3-channel conv's."""
+    from torch import nn
+
+    from resnet_fast import ConvBNAct
+
+    conv = nn.Conv2d(3, 20, 7, 2, 3, bias=False)
+    bn = nn.BatchNorm2d(20)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    ref = copy.deepcopy(nn.Sequential(conv, bn, nn.ReLU())).eval().double()
+    unit = ConvBNAct(conv, bn, relu=True, backend="triton").eval()
+    x = torch.randn(2, 3, 13, 11)  # NCHW, as a user passes an image
+    with torch.no_grad():
+        y = unit(x)
+        w = unit._unit.fold.get(conv, bn, None, torch.float32, backends.get("triton"))[0]
+    assert w.shape == (20, 4, 7, 7) and torch.equal(w[:, 3], torch.zeros_like(w[:, 3]))
+    launch_rec = next(v for k, v in conv_kernels._launches.items() if k[0] == (2, 4, 13, 11))
+    assert launch_rec.constexprs["DENSE_CIN"] == 4 and launch_rec.constexprs["ROW_K"] == 32
+    assert rel_err(y, ref(x.double())) < 1e-5
+    assert not ops.is_nhwc(x)  # the caller's tensor is untouched; the output follows its format
+
+
+# ---- the stem's max-pool on the op contract (ops.max_pool2d) ---------------------------------
+def test_opcheck_max_pool():
+    x = torch.randn(2, 6, 9, 11).contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.resnet_fast.max_pool2d_triton.default,
+                          (x, [3, 3], [2, 2], [1, 1], [1, 1], False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ops_max_pool_matches_torch(backend):
+    x = torch.randn(2, 12, 13, 10).contiguous(memory_format=CL)
+    for args in [(3, 2, 1), ((3, 2), (2, 1), (1, 0))]:
+        with torch.no_grad():
+            y = ops.max_pool2d(x, *args, backend=backend)
+        assert torch.equal(y, torch.nn.functional.max_pool2d(x, *args))
+    # autograd recording: torch's pool (the kernel has no backward), so gradients flow
+    xg = x.clone().requires_grad_()
+    ops.max_pool2d(xg, 3, 2, 1, backend=backend).sum().backward()
+    assert xg.grad is not None and xg.grad.sum() == 2 * 12 * 7 * 5
+
+
+def test_converted_resnet_pools_on_the_kernel():
+    import torchvision
+
+    import resnet_fast
+    from resnet_fast.kernels import max_pool as pool_kernels
+
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    ref = copy.deepcopy(m)
+    # the blocks on the reference ops (their convs would take minutes in the interpreter); the
+    # model's own stem and pool on the Triton kernels
+    resnet_fast.convert(m, backend="torch")
+    m.backend = "triton"
+    rows = {r["name"]: r for r in resnet_fast.fusion_summary(m)}
+    assert rows["conv1"]["pool"] == "maxpool" and "maxpool (NHWC pool)" in str(resnet_fast.fusion_summary(m))
+    assert rows["layer1.0.conv1"]["pool"] is None
+    calls = []
+    real = pool_kernels.max_pool2d_nhwc
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    pool_kernels.max_pool2d_nhwc = spy
+    try:
+        x = torch.randn(1, 3, 20, 20)
+        with torch.no_grad():
+            y = m(x)
+        assert calls == [torch.Size([1, 64, 10, 10])]
+        assert rel_err(y, ref.double()(x.double())) < 1e-5
+        # a hook on the pool: the module runs (its hook fires), and the summary says so
+        fired = []
+        m.maxpool.register_forward_hook(lambda *a: fired.append(1))
+        calls.clear()
+        with torch.no_grad():
+            m(x)
+        assert fired == [1] and calls == []
+        assert {r["name"]: r for r in resnet_fast.fusion_summary(m)}["conv1"]["pool"] is None
+    finally:
+        pool_kernels.max_pool2d_nhwc = real
+
+
+def test_tma_1x1_behind_its_switch(monkeypatch):
+    """RESNET_FAST_TRITON_TMA=1 sends a 1x1 stride-1 conv without prologue to the TMA GEMM
+    (kernels/gemm_tma.py); the result is the same conv's."""
+    from resnet_fast.backends import triton_backend
+    from resnet_fast.kernels import gemm_tma
+
+    args = conv_cases.make_conv(32, 24, 1, 1, 0, 5, 7, 2, torch.float32, residual=True)
+    ref = reference(args, True, torch.float64)
+    calls = []
+    real = gemm_tma.conv1x1_bn_act
+    monkeypatch.setattr(gemm_tma, "conv1x1_bn_act", lambda *a, **k: calls.append(1) or real(*a, **k))
+    be = backends.get("triton")
+    run = lambda: be.conv_bn_act(args["x"], args["weight"], args["bias"], [1, 1], [0, 0], [1, 1], 1,
+                                 args["residual"], True, None, None)  # noqa: E731
+    assert rel_err(run(), ref) < 1e-5 and calls == []
+    monkeypatch.setenv(triton_backend.TMA_ENV_VAR, "1")
+    assert rel_err(run(), ref) < 1e-5 and calls == [1]

@@ -7,7 +7,9 @@ supports the call, and logs once why it passed over the others. A backend named 
 that cannot run on the device at all raises; one that cannot take a particular call (e.g.
 grouped convs, or the pre-activation prologue on ``cuda``) falls back, for that call, to the
 first backend of :data:`AUTO_ORDER` that can (``torch`` at the latest), logged once with the
-reason.
+reason. Where more than one kernel backend takes a conv on a CUDA device, ``"auto"`` runs the
+one measured faster for that conv's shapes on this GPU (:mod:`.measured`; measured once, kept
+on disk; ``RESNET_FAST_AUTO=order`` keeps the fixed order).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from . import measured
 from .base import Backend
 
 log = logging.getLogger("resnet_fast")
@@ -47,7 +50,7 @@ _REGISTRY: dict[str, str] = {
     "triton": "resnet_fast.backends.triton_backend:TritonBackend",
     "cuda": "resnet_fast.backends.cuda_backend:CudaBackend",
 }
-#: preference of "auto": on an H100 (2026-11-25, README's per-layer table) the Triton kernels
+#: preference of "auto" (where it does not measure: see resolve): on an H100 (2026-11-25, README's per-layer table) the Triton kernels
 #: win every 1x1, the stem and stage 1's 3x3 and sum to 8.67 ms over ResNet-50's convs against
 #: the CUTLASS kernels' 12.81 ms (which win or tie stage 2-4's 3x3 by 0-12 %); torch is the
 #: reference math, last
@@ -127,9 +130,11 @@ def _takers(x: torch.Tensor, weight, groups: int, pre: bool, skip: Optional[str]
 
 
 def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-            groups: int = 1, pre: bool = False) -> Backend:
+            groups: int = 1, pre: bool = False, call: Optional[tuple] = None) -> Backend:
     """The backend that runs a call on x (see the module doc for the order of choice); ``pre``:
-    the call has a pre-activation prologue.
+    the call has a pre-activation prologue. ``call``: (stride, padding, dilation, residual,
+    relu) of a conv; with it, ``auto`` on a CUDA device picks among the kernel backends that
+    take the conv the one measured fastest for its shapes (:mod:`resnet_fast.backends.measured`).
 
     A Backend object passes through unchanged: the caller already resolved it for this call.
     """
@@ -137,6 +142,10 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
         return name
     name = validate_name(name) or default_name()
     if name == "auto":
+        if call is not None and weight is not None and measured.can_measure(x) and measured.enabled():
+            picked = _measured(x, weight, groups, pre, call)
+            if picked is not None:
+                return picked
         reasons = []
         for cand, ok, why in _takers(x, weight, groups, pre):
             if ok:
@@ -167,6 +176,18 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
         raise RuntimeError(f"backend {name!r} cannot take this call ({why}) and no other backend can")
     say_once(f"resnet_fast: backend {name!r} falls back to {cand!r} for this call: {why}", logging.WARNING)
     return get(cand)
+
+
+def _measured(x, weight, groups, pre, call) -> Optional[Backend]:
+    """The measured choice among two or more kernel backends taking the call, else None."""
+    takers = [get(c) for c, ok, _ in _takers(x, weight, groups, pre) if ok and c != "torch"]
+    if len(takers) < 2:
+        return None
+    stride, padding, dilation, residual, relu = call
+    conv = measured.ConvCall(tuple(x.shape), tuple(weight.shape[:1]) + (x.shape[1] // groups,) + tuple(weight.shape[2:]),
+                             tuple(stride), tuple(padding), tuple(dilation), groups, x.dtype,
+                             bool(residual), bool(relu), pre)
+    return measured.choose(takers, conv, x.device)
 
 
 def _import_all() -> None:

@@ -36,12 +36,46 @@ class Backend:
         """The folded weight in the layout this backend's kernel reads (OHWI by default)."""
         return w.contiguous(memory_format=torch.channels_last)
 
+    def input_channels(self, cin: int, groups: int) -> int:
+        """How many input channels this backend's inference kernel wants for a conv over
+        ``cin`` channels: more than ``cin`` where it reads a zero-padded input faster (the
+        Triton stem: 3 -> 4). The fold pads the packed weight with zero input channels to match
+        (:func:`resnet_fast.fold.pack_folded`) and :meth:`kernel_input` pads the input."""
+        return cin
+
+    def kernel_input(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        """x as this backend's kernel reads it: NHWC where it requires it, and zero-padded to
+        ``channels`` where that is what :meth:`input_channels` makes of x's own channel count
+        (one pass when it must convert at all). Any other channel count passes unchanged, for
+        the op's argument checks to refuse."""
+        if self.requires_nhwc and not (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
     def conv_bn_act(self, x, weight, bias, stride, padding, dilation, groups,
                     residual, relu, pre_scale, pre_bias) -> torch.Tensor:
         raise NotImplementedError
 
+    def prepare_conv(self, x, weight, bias, stride, padding, dilation, groups, residual, relu,
+                     pre_scale, pre_bias):
+        """A callable ``run(x, weight, bias, residual, pre_scale, pre_bias) -> y`` repeating this
+        call (which has just run and passed the op's checks) for tensors of the same shapes,
+        dtypes, devices and layouts, without the per-call work a fresh call redoes; the fused
+        modules keep it per conv (their host path). This default repeats conv_bn_act itself."""
+        stride, padding, dilation = list(stride), list(padding), list(dilation)
+
+        def run(x, weight, bias, residual, pre_scale, pre_bias):
+            return self.conv_bn_act(x, weight, bias, stride, padding, dilation, groups, residual, relu,
+                                    pre_scale, pre_bias)
+        return run
+
     def add_relu(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def max_pool2d(self, x, kernel_size, stride, padding, dilation, ceil_mode) -> torch.Tensor:
+        """F.max_pool2d's values (the op contract's ``max_pool2d``); torch's pool by default."""
+        from ..ops import max_pool2d_reference
+        return max_pool2d_reference(x, kernel_size, stride, padding, dilation, ceil_mode)
 
     def training_ops(self, device: torch.device, dtype: torch.dtype):
         """The :class:`resnet_fast.train_ops.TrainingOps` a training forward on this backend runs

@@ -447,6 +447,13 @@ class CudaBackend(Backend):
             self._ops = ops.define_backend_ops("cuda")
         return self._ops
 
+    def max_pool2d(self, x, kernel_size, stride, padding, dilation, ceil_mode):
+        """The Triton NHWC pool where Triton runs (no CUTLASS pool), else torch's."""
+        from . import available, get
+        if available("triton", x.device, x.dtype)[0]:
+            return get("triton").max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+        return super().max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
     def training_ops(self, device, dtype):
         """No CUTLASS training kernels yet (a statistics epilogue is issue-17 follow-up work):
         training on this backend runs the Triton training kernels where Triton can run, else the

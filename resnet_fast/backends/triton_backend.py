@@ -7,6 +7,7 @@ set before triton is first imported), which is how the test suite checks them wi
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -14,6 +15,9 @@ from .. import ops, train_ops
 from ..kernels import add_relu as _add_relu
 from ..kernels import batch_norm as _bn
 from ..kernels import conv_bn_act as _conv
+from ..kernels import gemm_tma as _gemm
+from ..kernels import layout as _layout
+from ..kernels import max_pool as _max_pool
 from ..kernels import scale_bias_act as _sba
 from . import get, say_once
 from .base import Backend
@@ -21,9 +25,23 @@ from .base import Backend
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+#: "1": 1x1 stride-1 convs (no prologue) run on the persistent TMA GEMM (kernels/gemm_tma.py,
+#: Hopper). Off by default until a GPU run has checked and timed it against conv_bn_act
+#: (benchmarks/NOTES.md, issue 18). Read by each call of the op; a fused module's conv reads it
+#: when its call is prepared (its first call, and after anything about the call changed).
+TMA_ENV_VAR = "RESNET_FAST_TRITON_TMA"
+
+
+def _tma_takes(x, weight, stride, padding, dilation, groups, pre_scale) -> bool:
+    return (os.environ.get(TMA_ENV_VAR) == "1" and pre_scale is None
+            and _gemm.takes(x, weight, stride, padding, dilation, groups)[0])
+
+
 def _conv_impl(x, weight, bias, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias):
     if groups != 1:
         raise NotImplementedError(f"the Triton conv kernel does not implement groups={groups}")
+    if _tma_takes(x, weight, stride, padding, dilation, groups, pre_scale):
+        return _gemm.conv1x1_bn_act(x, weight, bias, residual, relu)
     return _conv.conv_bn_act(x, weight, bias, stride, padding, dilation, residual, relu,
                              pre_scale, pre_bias)
 
@@ -34,6 +52,15 @@ def _add_relu_inplace_impl(a, b):
 
 _conv_op, _add_relu_op, _add_relu_inplace_op = ops.define_backend_ops(
     "triton", _conv_impl, _add_relu.add_relu, _add_relu_inplace_impl)
+
+
+def _max_pool_impl(x, kernel_size, stride, padding, dilation, ceil_mode):
+    if not ops.is_nhwc(x) or x.dtype not in DTYPES:
+        return ops.max_pool2d_reference(x, kernel_size, stride, padding, dilation, ceil_mode)
+    return _max_pool.max_pool2d_nhwc(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+_max_pool_op = ops.define_max_pool_op("triton", _max_pool_impl)
 
 
 # ---- training ops (resnet_fast.train_ops): the kernels read NHWC; other layouts are converted
@@ -124,6 +151,16 @@ class TritonBackend(Backend):
     def training_ops(self, device, dtype):
         return TRAINING_OPS
 
+    def input_channels(self, cin, groups):
+        return _conv.packed_input_channels(cin, groups)
+
+    def kernel_input(self, x, channels):
+        if (channels == x.shape[1] or x.dim() != 4 or x.dtype not in DTYPES
+                or channels != _conv.packed_input_channels(x.shape[1])):
+            return super().kernel_input(x, channels)  # a wrong width is the checks' to refuse
+        # the layout change and the zero channels in one copy (kernels/layout.py)
+        return _layout.to_nhwc_padded(x, channels)
+
     def supports(self, x, weight, groups, pre=False):
         if groups != 1:
             return False, f"grouped convolution (groups={groups}) is not implemented in the Triton kernel"
@@ -133,6 +170,28 @@ class TritonBackend(Backend):
                     residual, relu, pre_scale, pre_bias):
         run = _conv_impl if ops.direct_call_ok(x, weight, bias, residual, pre_scale, pre_bias) else _conv_op
         return run(x, weight, bias, stride, padding, dilation, groups, residual, relu, pre_scale, pre_bias)
+
+    def prepare_conv(self, x, weight, bias, stride, padding, dilation, groups, residual, relu,
+                     pre_scale, pre_bias):
+        direct = (groups == 1 and x.dtype in DTYPES
+                  and not _tma_takes(x, weight, stride, padding, dilation, groups, pre_scale))
+        launch = _conv.prepared_launch(x, weight, stride, padding, dilation, residual is not None, relu,
+                                       pre_scale is not None) if direct else None
+        if launch is None:
+            return super().prepare_conv(x, weight, bias, stride, padding, dilation, groups, residual,
+                                        relu, pre_scale, pre_bias)
+        stride, padding, dilation = list(stride), list(padding), list(dilation)
+
+        def run(x, weight, bias, residual, pre_scale, pre_bias):
+            if ops.direct_call_ok(x, weight, bias, residual, pre_scale, pre_bias):
+                return _conv.relaunch(launch, x, weight, bias, residual, pre_scale, pre_bias)
+            return _conv_op(x, weight, bias, stride, padding, dilation, groups, residual, relu,
+                            pre_scale, pre_bias)
+        return run
+
+    def max_pool2d(self, x, kernel_size, stride, padding, dilation, ceil_mode):
+        run = _max_pool_impl if ops.direct_call_ok(x) else _max_pool_op
+        return run(x, list(kernel_size), list(stride), list(padding), list(dilation), ceil_mode)
 
     # The kernel walks a and b as flat buffers; operands in two different memory orders go to
     # the torch backend instead.

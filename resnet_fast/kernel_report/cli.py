@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-training", action="store_true",
                    help="inference kernels only (default: also the train() conv variants and the other "
                         "training kernels)")
+    p.add_argument("--no-other-kernels", action="store_true",
+                   help="convs only: leave out the stem's input conversion, the max-pool and the TMA 1x1 GEMM")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -98,7 +100,7 @@ def options_from_args(a: argparse.Namespace) -> ReportOptions:
         bandwidth_tbs=_per_arch(a.bandwidth_tbs, "bandwidth"), jobs=a.jobs,
         triton_configs=tuple(a.triton_configs.split(",")) if a.triton_configs else None,
         layer_filter=_layer_filter(a.layers), use_cache=not a.no_cache, progress=not a.quiet,
-        training=not a.no_training)
+        training=not a.no_training, other_kernels=not a.no_other_kernels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +169,16 @@ def format_report(report: dict, *, all_rows: bool = False, markdown: bool = Fals
                  + ("every candidate" if all_rows else "the candidate with the lowest estimate per layer (*)")
                  + f"; sum of picks x count = {total / 1000:.2f} ms")
         out.append(format_table(shown, title, markdown))
+    ik = report.get("inference_kernels") or []
+    if ik:
+        out.append(f"\nInference kernels other than the conv ({env['dtype']}, batch {env['batch']}; "
+                   f"registers / spills / shared bytes / TMA loads / roofline estimate):")
+        for r in ik:
+            cells = ("ERROR " + r["error"][:80]) if "registers" not in r else \
+                (f"{r['registers']:>3} regs, {r['spill_bytes']} B spills, {r['shared_bytes']} B smem, "
+                 f"{r['num_warps']} warps, {r.get('tma_loads') or 0} UTMALDG, est {r.get('estimate_us')} us "
+                 f"({r.get('bound')})")
+            out.append(f"  {r['arch']:<7} {r['label']:<52} {cells}")
     tk = report.get("training_kernels") or []
     if tk:
         out.append(f"\nTraining kernels other than the conv ({env['dtype']}; registers / spills / shared bytes):")

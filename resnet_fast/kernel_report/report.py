@@ -50,6 +50,8 @@ class ReportOptions:
     progress: bool = True
     #: the train() forward's conv variants ("stats", "pre+stats") and the other training kernels
     training: bool = True
+    #: the inference kernels other than the conv (stem input conversion, max-pool, TMA 1x1 GEMM)
+    other_kernels: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +132,8 @@ def _finish_row(row: dict, layer: dict, spec: ArchSpec, *, block_m: int, block_n
     k_per_step = layer["cin"] // layer.get("groups", 1)
     if row.get("path", "").startswith("flat"):
         k_per_step = layer["kernel"][0] * layer["kernel"][1] * k_per_step
+    elif row.get("row_k"):  # dense rows: one kernel row of the conv's own channels per ROW_K
+        k_per_step, block_k = layer["kernel"][1] * k_per_step, row["row_k"]
     row["k_efficiency"] = round(k_per_step / _round_up(k_per_step, block_k), 4) if block_k else None
     problems = []
     if threads is None or row["shared_bytes"] is None:
@@ -166,6 +170,16 @@ def _finish_row(row: dict, layer: dict, spec: ArchSpec, *, block_m: int, block_n
     row["problems"] = problems
     row["ok"] = not problems
     return row
+
+
+def _k_path(constexprs: dict) -> str:
+    """How the compiled conv walks K, in words (kernels/conv_bn_act.py's module doc)."""
+    if constexprs.get("DENSE_CIN"):
+        return (f"dense rows: the input padded to {constexprs['DENSE_CIN']} channels, one kernel row "
+                f"(ROW_K = {constexprs['ROW_K']}) per K step, vector loads")
+    if constexprs.get("SMALL_CIN"):
+        return "flat K gather (Cin < SMALL_CIN): K = kh*kw*Cin walked in BLOCK_K steps"
+    return "per-tap: (tap, channel block) loop"
 
 
 def _resource_fields(fn_info: dict, shared_dynamic: Optional[int]) -> dict:
@@ -235,8 +249,8 @@ def _triton_rows(layers, opts: ReportOptions, specs: dict, progress: Progress, n
         row = {"layer": _layer_public(layer), "label": layer_label(layer), "backend": "triton",
                "arch": arch, "gpu": spec_a.gpu, "dtype": dname,
                "config": {"name": name, **ta.config_dict(cfg)}, "selection": selection,
-               "path": ("flat K gather (Cin < SMALL_CIN): K = kh*kw*Cin walked in BLOCK_K steps"
-                        if spec["constexprs"].get("SMALL_CIN") else "per-tap: (tap, channel block) loop"),
+               "path": _k_path(spec["constexprs"]),
+               "row_k": spec["constexprs"].get("ROW_K") if spec["constexprs"].get("DENSE_CIN") else None,
                "kernel": "conv_bn_act_kernel"}
         if isinstance(res, Exception):
             row.update({"error": f"compile failed: {type(res).__name__}: {str(res)[-800:]}", "ok": False,
@@ -465,10 +479,13 @@ def build_report(opts: ReportOptions) -> dict:
         cuda_thread.start()
     rows: list[dict] = []
     training_rows: list[dict] = []
+    other_rows: list[dict] = []
     try:
         if "triton" in opts.backends:
             tt0 = time.perf_counter()
             rows += _triton_rows(layers, opts, specs, progress, notes)
+            if opts.other_kernels:
+                other_rows = _other_kernel_rows(opts, specs, progress)
             if opts.training:
                 training_rows = _training_kernel_rows(opts, specs, progress)
             timings["triton_s"] = round(time.perf_counter() - tt0, 1)
@@ -491,35 +508,61 @@ def build_report(opts: ReportOptions) -> dict:
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     env = _env(opts, specs, cuda_built, timings)
     env.update({"unfused_convs": unfused, "notes": notes, "layers": len(layers)})
-    return {"rows": rows, "training_kernels": training_rows, "env": env}
+    return {"rows": rows, "inference_kernels": other_rows, "training_kernels": training_rows, "env": env}
 
 
 def _training_kernel_rows(opts: ReportOptions, specs: dict, progress: Progress) -> list[dict]:
     """Registers, spills and shared memory of the training kernels other than the conv."""
     from . import triton_aot as ta
 
+    entries = [(label, fn, spec, None, None) for label, fn, spec in ta.training_kernel_specs(opts.dtype)]
+    return _kernel_rows(opts, specs, progress, entries, "training")
+
+
+def _other_kernel_rows(opts: ReportOptions, specs: dict, progress: Progress) -> list[dict]:
+    """The inference kernels other than the conv (stem input conversion, max-pool, the TMA 1x1
+    GEMM), with a roofline estimate each: bytes / bandwidth or FLOPs / peak, whichever is larger."""
+    from . import triton_aot as ta
+
+    entries = ta.inference_kernel_specs(opts.dtype, batch=opts.batch, resolution=opts.resolution)
+    return _kernel_rows(opts, specs, progress, entries, "inference")
+
+
+def _kernel_rows(opts: ReportOptions, specs: dict, progress: Progress, entries, subdir: str) -> list[dict]:
+    from . import triton_aot as ta
+
     jobs, meta = [], []
     for arch in opts.archs:
         cc = specs[arch].capability
-        for label, fn, spec in ta.training_kernel_specs(opts.dtype):
+        for label, fn, spec, nbytes, flops in entries:
             name = fn.split(":")[1]
             fname = f"{name}.{DTYPE_NAMES[opts.dtype]}.{abs(hash(label)) % 10**8}.cubin"
             jobs.append({"kind": "fn", "fn": fn, "capability": cc, **spec,
-                         "out_path": str(Path(opts.cubin_dir) / "triton" / arch / "training" / fname)})
-            meta.append((arch, label, name))
+                         "out_path": str(Path(opts.cubin_dir) / "triton" / arch / subdir / fname)})
+            meta.append((arch, label, name, nbytes, flops))
     progress.add_total(len(jobs))
-    results = ta.run_jobs(jobs, workers=opts.jobs, on_done=lambda i, r: progress.update(1, "training kernels"))
+    results = ta.run_jobs(jobs, workers=opts.jobs, on_done=lambda i, r: progress.update(1, f"{subdir} kernels"))
     rows = []
-    for (arch, label, name), res in zip(meta, results):
+    for (arch, label, name, nbytes, flops), res in zip(meta, results):
         row = {"arch": arch, "kernel": name, "label": label, "dtype": DTYPE_NAMES[opts.dtype]}
+        if nbytes is not None:
+            a = specs[arch]
+            mem_us = nbytes / (a.bandwidth_tbs * 1e6) if a.bandwidth_tbs else None
+            comp_us = flops / (a.peak_for(opts.dtype) * 1e6) if flops and a.peak_for(opts.dtype) else 0.0
+            row.update(bytes=nbytes, flops=flops,
+                       estimate_us=None if mem_us is None else round(max(mem_us, comp_us), 1),
+                       bound="compute" if comp_us > (mem_us or 0) else "memory")
         if isinstance(res, Exception):
             row.update(ok=False, error=f"compile failed: {type(res).__name__}: {str(res)[-600:]}")
         else:
             info = res.get("inspect") or cubin_tools.inspect_cubin(res["cubin"])
             fn = res["name"] if res["name"] in info else next(iter(info))
             f = info[fn]
+            sass = f.get("sass")
+            sass = sass.as_dict() if hasattr(sass, "as_dict") else (sass or {})
             row.update(registers=f["registers"], spill_bytes=f["spill_bytes"],
                        shared_bytes=f["shared_static"] + res["shared_dynamic"], num_warps=res["num_warps"],
+                       tma_loads=sass.get("tma_loads"), mma=sass.get("mma"),
                        cubin=res["cubin"], ok=f["spill_bytes"] == 0)
             if not row["ok"]:
                 row["error"] = f"{f['spill_bytes']} bytes of spills"
@@ -563,7 +606,7 @@ def check_failures(report: dict) -> list[str]:
         if not r.get("ok"):
             out.append(f"{r['backend']} {r['arch']} {r['label']} [{r['config']['name']}]: "
                        + "; ".join(r.get("problems") or [r.get("error", "failed")]))
-    for r in report.get("training_kernels", []):
+    for r in report.get("inference_kernels", []) + report.get("training_kernels", []):
         if not r.get("ok"):
             out.append(f"triton {r['arch']} {r['label']} ({r['kernel']}): {r.get('error', 'failed')}")
     return out

@@ -166,9 +166,13 @@ def compile_kernel(fn, signature: dict, constexprs: dict, attrs: Optional[dict],
 def conv_spec_args(layer: dict, dtype: torch.dtype) -> dict:
     """conv_compile_spec's arguments for one layer dict."""
     epi = layer["epilogue"]
+    cin, groups = layer["cin"], layer.get("groups", 1)
+    pad = getattr(conv_module(), "packed_input_channels", None)
+    if pad is not None and "pre" not in epi and "stats" not in epi.split("+"):
+        cin = pad(cin, groups)  # the inference fold pads the stem's input (fold.pack_folded)
     return dict(dtype=dtype,
-                x_shape=(layer["batch"], layer["cin"], layer["h"], layer["w"]),
-                w_shape=(layer["cout"], layer["cin"] // layer.get("groups", 1), *layer["kernel"]),
+                x_shape=(layer["batch"], cin, layer["h"], layer["w"]),
+                w_shape=(layer["cout"], cin // groups, *layer["kernel"]),
                 stride=tuple(layer["stride"]), padding=tuple(layer["padding"]),
                 dilation=tuple(layer["dilation"]),
                 residual="residual" in epi, relu="relu" in epi.split("+"), pre="pre" in epi,
@@ -389,6 +393,47 @@ def _kernel_module(name: str) -> str:
         except ImportError:
             continue
     raise ImportError(f"no kernel module {name}")
+
+
+#: the stage 3-4 1x1 convs of ResNet-50 the TMA GEMM is for: (label, H = W, Cin, Cout, residual)
+TMA_LAYERS = (("layer3 1x1 256->1024 +residual", 14, 256, 1024, True),
+              ("layer3 1x1 1024->256", 14, 1024, 256, False),
+              ("layer4 1x1 512->2048 +residual", 7, 512, 2048, True),
+              ("layer4 1x1 2048->512", 7, 2048, 512, False))
+
+
+def inference_kernel_specs(dtype: torch.dtype, batch: int = 256, resolution: int = 224,
+                           tma_configs: tuple = ("m128n256k64w8s3", "m128n128k64w8s4")) -> list[tuple]:
+    """The inference kernels other than conv_bn_act, as their launchers call them for a ResNet-50
+    at ``batch`` x ``resolution``: (label, "module:function", {"signature", "constexprs",
+    "attrs", "options"}, bytes moved, FLOPs) for the report's rows and estimates. The stem's
+    input conversion (NCHW -> NHWC padded to 4 channels), the max-pool after the stem, and the
+    persistent TMA GEMM on the stage 3-4 1x1 layers."""
+    el = torch.empty((), dtype=dtype).element_size()
+    out = []
+
+    def add(label, modname, spec, nbytes, flops=0.0):
+        fn = spec["fn"]
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__")
+        out.append((label, f"{_kernel_module(modname)}:{name}",
+                    {k: spec[k] for k in ("signature", "constexprs", "attrs", "options")}, nbytes, flops))
+
+    r, s = resolution, resolution // 2
+    lay = jit_module(importlib.import_module(_kernel_module("layout")))
+    add("stem input: NCHW -> NHWC, 3 -> 4 channels", "layout",
+        lay.layout_compile_spec(dtype, (batch, 3, r, r), 4), batch * r * r * (3 + 4) * el)
+    pool = jit_module(importlib.import_module(_kernel_module("max_pool")))
+    add("stem max-pool 3x3/s2 (values only)", "max_pool",
+        pool.max_pool_compile_spec(dtype, (batch, 64, s, s), 3, 2, 1),
+        batch * 64 * (s * s + (s // 2) ** 2) * el)
+    gemm = jit_module(importlib.import_module(_kernel_module("gemm_tma")))
+    for label, hw, cin, cout, res in TMA_LAYERS:
+        m = batch * hw * hw
+        for cfg in tma_configs:
+            spec = gemm.gemm_compile_spec(dtype, m, cin, cout, residual=res, relu=True, config=cfg)
+            add(f"TMA GEMM {label} {cfg}", "gemm_tma", spec,
+                (m * cin + cin * cout + m * cout * (2 if res else 1)) * el, 2.0 * m * cin * cout)
+    return out
 
 
 def training_kernel_specs(dtype: torch.dtype, channels: int = 256) -> list[tuple[str, str, dict]]:
