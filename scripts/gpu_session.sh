@@ -80,14 +80,14 @@ case "$what" in
     dest=${1:-benchmarks/results/round2}
     mkdir -p "$dest" "$OUT/$dest"
     # correctness of every new kernel first, with its timing against what it replaces
-    timeout 170 python3 -m pytest -q -s -rs -p no:cacheprovider tests/gpu/test_round2_gpu.py \
+    timeout 150 python3 -m pytest -q -s -rs -p no:cacheprovider tests/gpu/test_round2_gpu.py \
       tests/gpu/test_graphs_gpu.py 2>&1 | tee "$OUT/round2_tests.log"
     # the figures with the defaults (the TMA 1x1 GEMM is off by default: it is checked and timed
     # against conv_bn_act by the tests above, and a converted model runs with it on last)
-    timeout 260 python3 -m benchmarks.report --out "$dest" --sections layers e2e --budget-s 240 \
+    timeout 220 python3 -m benchmarks.report --out "$dest" --sections layers e2e --budget-s 200 \
       --backends triton cuda --skip compile_max_autotune 2>&1 | tee -a "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
-    timeout 100 python3 -m benchmarks.report --out "$dest/b1" --sections e2e --latency --budget-s 80 \
+    timeout 80 python3 -m benchmarks.report --out "$dest/b1" --sections e2e --latency --budget-s 60 \
       --backends triton cuda --skip compile_max_autotune 2>&1 | tee -a "$OUT/bench.log"
     RESNET_FAST_TRITON_TMA=1 timeout 60 python3 -m pytest -q -s -p no:cacheprovider \
       tests/gpu/test_round2_gpu.py -k "tma or converted" 2>&1 | tee -a "$OUT/round2_tests.log"
