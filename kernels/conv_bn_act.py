@@ -48,6 +48,7 @@ import triton.language as tl
 # its kernels outside the interpreter), where a relative import has no package to resolve in
 from resnet_fast.kernels.batch_norm import empty_partials, merge_partials, store_tile_stats, tile_stats
 from resnet_fast.kernels.indexing import needs_int64_index
+from resnet_fast.kernels.launch import TRITON_DTYPES as _TORCH_TO_TRITON
 from resnet_fast.kernels.launch import compile_spec, direct_launcher
 from resnet_fast.ops import conv_output_hw
 
@@ -346,7 +347,6 @@ def _autotuned(configs):
 # time numpy, so there the one small config is used instead.
 _tuned_kernels = None if INTERPRET else {small: _autotuned(conv_configs(small)) for small in (False, True)}
 
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual, relu, pre, stats=False):

@@ -64,7 +64,7 @@ import triton.language as tl
 
 # absolute import: the kernel report loads this file again under a private name (see conv_bn_act)
 from resnet_fast.kernels.conv_bn_act import input_precision
-from resnet_fast.kernels.launch import compile_spec
+from resnet_fast.kernels.launch import TRITON_DTYPES as _TORCH_TO_TRITON, compile_spec
 
 _log = logging.getLogger("resnet_fast")
 
@@ -320,7 +320,6 @@ def scratch_allocator():
 # --------------------------------------------------------------------------------------------
 # Where the kernel applies
 # --------------------------------------------------------------------------------------------
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def _pair(v, name):

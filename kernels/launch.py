@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+import torch
+
 try:
     from triton import knobs
     from triton.runtime.driver import driver
@@ -83,6 +85,10 @@ def direct_launcher(fn, grid: tuple, args: tuple, kwargs: dict) -> Callable:
 
     return relaunch
 
+
+
+#: torch dtype -> the name Triton's signatures use, for the dtypes the kernels take
+TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def compile_spec(fn, pointers: dict, scalars: dict, constexprs: dict, options: dict) -> dict:

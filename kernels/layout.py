@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 
 from resnet_fast.kernels.indexing import needs_int64_index
-from resnet_fast.kernels.launch import compile_spec
+from resnet_fast.kernels.launch import TRITON_DTYPES, compile_spec
 
 BLOCK_P = 256  # pixels per program: 256 x 4 channels x 2 bytes = 2 KB written, 1.5 KB read
 NUM_WARPS = 4
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = tuple(TRITON_DTYPES)
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def layout_compile_spec(dtype: torch.dtype, x_shape, channels: int) -> dict:
     """What ``triton.compile`` needs to build the conversion of an NCHW input of ``x_shape``
     ahead of time (as kernels.conv_bn_act.conv_compile_spec; for the kernel report)."""
     n, c, h, w = x_shape
-    elem = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    elem = "*" + TRITON_DTYPES[dtype]
     stride = (c * h * w, h * w, w, 1)
     ints = dict(HW=h * w, W=w, C=c, stride_n=stride[0], stride_c=stride[1], stride_h=stride[2],
                 stride_w=stride[3])

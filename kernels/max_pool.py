@@ -34,7 +34,7 @@ import triton.language as tl
 # absolute import: the kernel report loads this file again under a private name (to compile its
 # kernels outside the interpreter), where a relative import has no package to resolve in
 from resnet_fast.kernels.indexing import needs_int64_index
-from resnet_fast.kernels.launch import compile_spec
+from resnet_fast.kernels.launch import TRITON_DTYPES as _TORCH_TO_TRITON, compile_spec
 
 #: kernels decorated while TRITON_INTERPRET=1 run in Triton's interpreter (CPU tensors too)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -58,7 +58,6 @@ NUM_STAGES = 1
 #: block edges in both dimensions
 INTERPRETER_BLOCKS = (32, 32)
 
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 IntPair = Union[int, Sequence[int]]
 
