@@ -5,7 +5,7 @@ Variants: ``train_eager`` (torchvision, channels_last, under autocast in the rep
 the way people train), ``train_compile`` / ``train_compile_max_autotune`` (torch.compile of the
 model; the optimizer eager), ``train_rf_<backend>`` (the converted model: resnet_fast's
 training ops) and ``train_rf_<backend>_graph`` (that whole step captured once in a CUDA graph and
-replayed). Per variant: median step time (CUDA events on a GPU), images/s, peak memory per image
+replayed, through :class:`resnet_fast.TrainingStep`). Per variant: median step time (CUDA events on a GPU), images/s, peak memory per image
 (the step's peak above what the model, optimizer state and inputs hold, over the batch), the
 activations autograd saves per image (any device), the
 first step's loss and fc-weight gradient against train_eager's from the same weights, and on a
@@ -73,23 +73,18 @@ def _step_fn(cfg: Config, model, params_of, x, target):
     return step, opt
 
 
-def _graphed(step):
-    """The step captured in a CUDA graph (after warm-up steps on a side stream, as torch's
-    whole-network capture recipe does): replaying it reruns forward, backward and the update."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        static_loss = step()
+def _graphed(cfg: Config, model, opt, x, target):
+    """The step through resnet_fast.TrainingStep (the library's captured training step: warm-ups
+    on a side stream, their effects undone, a staleness check and the batch copy per call)."""
+    import resnet_fast
+    on = cfg.dtype in (torch.bfloat16, torch.float16)
+    tstep = resnet_fast.capture_training_step(
+        model, opt, lambda out, t: F.cross_entropy(out.float(), t), x, target,
+        autocast_dtype=cfg.dtype if on else None)
 
     def replay():
-        g.replay()
-        return static_loss
-    replay.graph = g
+        return tstep(x, target)
+    replay.step = tstep
     return replay
 
 
@@ -193,14 +188,14 @@ def run(cfg: Config, model32: torch.nn.Module, flops_per_image: float, checkpoin
             with progress.step(f"train {name}"):
                 t0 = time.perf_counter()
                 model, owner = _model(cfg, name, model32)
-                step, _ = _step_fn(cfg, model, owner, x, target)
+                step, opt = _step_fn(cfg, model, owner, x, target)
                 if not name.startswith("train_compile") and not name.endswith("_graph"):
                     row["saved_mb_per_image"] = saved_activation_mb(cfg, model, x) / B
                 # the first step from model32's weights: compared with train_eager's
                 loss0 = step()
                 fc = dict(owner.named_parameters()).get("fc.weight")
                 first[name] = (loss0.detach().float().item(), fc.grad.detach().float().clone() if fc is not None else None)
-                fn = _graphed(step) if name.endswith("_graph") else step
+                fn = _graphed(cfg, model, opt, x, target) if name.endswith("_graph") else step
                 for _ in range(cfg.warmup):
                     fn()
                 if cfg.on_gpu:

@@ -193,10 +193,11 @@ def finalize(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor | None,
 
 def update_running(running_mean: torch.Tensor, running_var: torch.Tensor,
                    num_batches_tracked: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
-                   momentum: float, cumulative: bool, count: int) -> None:
-    """running <- (1 - m) * running + m * batch, in place, the variance unbiased by count/(count-1);
-    m = momentum, or 1/num_batches_tracked when ``cumulative`` (momentum=None)."""
+                   momentum: float, cumulative: bool, count: int | None) -> None:
+    """running <- (1 - m) * running + m * batch, in place, the variance unbiased by count/(count-1)
+    (``count`` None: ``var`` is unbiased already); m = momentum, or 1/num_batches_tracked when
+    ``cumulative`` (momentum=None)."""
     c = mean.shape[0]
     _running_update_kernel[(triton.cdiv(c, VECTOR_BLOCK),)](
         running_mean, running_var, num_batches_tracked, mean, var, c, float(momentum),
-        count / (count - 1), CUMULATIVE=cumulative, BLOCK=VECTOR_BLOCK, num_warps=4)
+        1.0 if count is None else count / (count - 1), CUMULATIVE=cumulative, BLOCK=VECTOR_BLOCK, num_warps=4)

@@ -8,15 +8,16 @@ from . import backends, ops
 from .convert import FUSED_KINDS, convert, fusion_summary, set_backend
 from .fold import FoldCache, StaleFoldError, fold_conv_bn, refresh, verify_folds
 from .modules import BasicBlock, Bottleneck, ConvBNAct, ReferencePathWarning
-from . import graphs
+from . import distributed, graphs, train_graphs
 from .graphs import CudaGraphRunner, StaleGraphError
+from .train_graphs import TrainingStep, capture_training_step
 from .ops import add_relu, add_relu_, conv_bn_act, max_pool2d
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BasicBlock", "Bottleneck", "ConvBNAct", "CudaGraphRunner", "FUSED_KINDS", "FoldCache",
-    "ReferencePathWarning", "StaleFoldError", "StaleGraphError", "add_relu", "add_relu_", "backends",
-    "conv_bn_act", "convert", "fold_conv_bn", "fusion_summary", "graphs", "max_pool2d", "ops", "refresh",
-    "set_backend", "verify_folds",
+    "ReferencePathWarning", "StaleFoldError", "StaleGraphError", "TrainingStep", "add_relu", "add_relu_",
+    "backends", "capture_training_step", "conv_bn_act", "convert", "distributed", "fold_conv_bn",
+    "fusion_summary", "graphs", "max_pool2d", "ops", "refresh", "set_backend", "train_graphs", "verify_folds",
 ]

@@ -92,6 +92,9 @@ class StaleFoldError(RuntimeError):
 # Invalidation that no version counter carries: a process-wide generation every cache keys on
 # --------------------------------------------------------------------------------------
 _generation = 0
+#: calls of refresh() alone: a captured training step's graph reads live parameters, so only
+#: these (writes nobody else can see) make it stale, not the optimizer steps that bump _generation
+_refreshes = 0
 _verify = os.environ.get("RESNET_FAST_VERIFY_FOLDS", "") not in ("", "0")
 
 
@@ -100,6 +103,15 @@ def refresh(model: Optional[nn.Module] = None) -> None:
     record (in place through ``.data``, ``.numpy()``, DLPack, ``untyped_storage()`` or a CUDA
     graph replay); ``model`` is accepted for readability: every cache of the process is
     invalidated, which costs one refold per conv."""
+    global _refreshes
+    _refreshes += 1
+    invalidate()
+
+
+def invalidate() -> None:
+    """Refold every cached fold on its next use (what :func:`refresh` does, without counting as
+    a user's refresh): after optimizer steps and training-graph replays, which write
+    parameters without version bumps."""
     global _generation
     _generation += 1
 
@@ -114,7 +126,7 @@ def verify_folds(enabled: bool = True) -> None:
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     # fused optimizers write parameters without bumping their version counters
-    refresh()
+    invalidate()
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)

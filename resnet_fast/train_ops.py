@@ -3,7 +3,7 @@
 One conv unit of a training forward is, with s/t a BatchNorm's per-channel scale and shift::
 
     y, mean, var = conv_stats(x, w, bias, ..., pre_scale, pre_bias)   # conv(pre(x)) + stats of y
-    bn_update_running_(running_mean, running_var, nbt, mean, var, momentum, cumulative, count)
+    bn_update_running_(running_mean, running_var, nbt, mean, var, momentum, cumulative, count[, unbiased_var])
     s, t = bn_finalize(mean, var, gamma, beta, eps)                    # s = gamma*rsqrt(var+eps)
     ... the next conv takes (y, s, t) as its pre_scale/pre_bias prologue, or
     out = scale_bias_act(y, s, t, residual, res_scale, res_shift, relu)  # the block tail
@@ -46,7 +46,8 @@ SCHEMAS = {
     "bn_finalize": ("(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) "
                     "-> (Tensor, Tensor, Tensor)"),
     "bn_update_running": ("(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor? num_batches_tracked, "
-                          "Tensor mean, Tensor var, float momentum, bool cumulative, int count) -> ()"),
+                          "Tensor mean, Tensor var, float momentum, bool cumulative, int count, "
+                          "Tensor? unbiased_var=None) -> ()"),
     "scale_bias_act": ("(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, Tensor? res_scale, "
                        "Tensor? res_shift, bool relu, " + _STATS_ARGS + ") -> Tensor"),
     "scale_bias_act_backward": (
@@ -102,9 +103,11 @@ def bn_finalize_reference(mean, var, weight, bias, eps):
 
 
 def bn_update_running_reference(running_mean, running_var, num_batches_tracked, mean, var,
-                                momentum, cumulative, count):
+                                momentum, cumulative, count, unbiased_var=None):
+    # unbiased_var: given where the count is on the device, not ``count`` (a BatchNorm
+    # synchronized over ranks whose batch sizes only the collective knows)
     m = (1.0 / num_batches_tracked.to(mean.dtype)) if cumulative else momentum
-    unbiased = var * (count / (count - 1))
+    unbiased = var * (count / (count - 1)) if unbiased_var is None else unbiased_var
     running_mean.copy_((1 - m) * running_mean.to(mean.dtype) + m * mean)
     running_var.copy_((1 - m) * running_var.to(var.dtype) + m * unbiased)
 
@@ -188,7 +191,7 @@ def _bn_finalize_fake(mean, var, weight, bias, eps):
 
 
 def _bn_update_running_fake(running_mean, running_var, num_batches_tracked, mean, var, momentum,
-                            cumulative, count):
+                            cumulative, count, unbiased_var=None):
     return None
 
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, distributed
 from .fold import accumulate_dtype, bn_scale_shift, fold_conv_bn, pack_folded
 from .ops import check_conv_bn_act_args, conv_bn_act, is_nhwc
 from .train_ops import TrainingOps
@@ -137,11 +137,21 @@ class Runner:
         """(scale, shift, mean, invstd) of ``bn`` from batch statistics of a tensor of
         ``shape``, updating its running statistics in place when it tracks them
         (``_BatchNorm.forward``'s rules). The statistics are detached: gradients reach gamma and
-        beta through bn_finalize, and the tensor through the op that applies scale/shift."""
+        beta through bn_finalize, and the tensor through the op that applies scale/shift.
+
+        A SyncBatchNorm synchronized over ranks (resnet_fast.distributed) merges the ranks'
+        statistics first; those stay differentiable (the backward of the merge all-reduces their
+        gradients), so mean and invstd come back None: the op that applies scale/shift then
+        treats them as constants and autograd brings the statistics' share to the conv."""
         count = shape[0] * shape[2] * shape[3]
-        if count <= 1:  # F.batch_norm's check, word for word
+        group = distributed.sync_group(bn)
+        unbiased = None
+        if group is not None:
+            mean, var, unbiased = distributed.merge_statistics(mean, var, count, group)
+        elif count <= 1:  # F.batch_norm's check, word for word (a synchronized BN: torch's does not)
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
-        mean, var = mean.detach(), var.detach()
+        else:
+            mean, var = mean.detach(), var.detach()
         if bn.training and bn.track_running_stats and bn.running_mean is not None:
             nbt = bn.num_batches_tracked
             if nbt is not None:
@@ -149,8 +159,11 @@ class Runner:
             cumulative = bn.momentum is None and nbt is not None
             momentum = 0.0 if bn.momentum is None else float(bn.momentum)
             self.ops.bn_update_running(bn.running_mean, bn.running_var, nbt if cumulative else None,
-                                       mean, var, momentum, cumulative, count)
+                                       mean.detach(), var.detach(), momentum, cumulative, count,
+                                       unbiased)
         scale, shift, invstd = self.ops.bn_finalize(mean, var, bn.weight, bn.bias, bn.eps)
+        if group is not None:
+            return scale, shift, None, None
         return scale, shift, mean, invstd
 
     def pre_activation(self, x: torch.Tensor, pre_bn) -> Act:

@@ -92,10 +92,12 @@ def _bn_finalize_impl(mean, var, weight, bias, eps):
 
 
 def _bn_update_running_impl(running_mean, running_var, num_batches_tracked, mean, var, momentum,
-                            cumulative, count):
+                            cumulative, count, unbiased_var=None):
     if not (running_mean.is_contiguous() and running_var.is_contiguous()):
         return train_ops.bn_update_running_reference(running_mean, running_var, num_batches_tracked,
-                                                     mean, var, momentum, cumulative, count)
+                                                     mean, var, momentum, cumulative, count, unbiased_var)
+    if unbiased_var is not None:  # already unbiased (its count is on the device): factor 1
+        var, count = unbiased_var, None
     _bn.update_running(running_mean, running_var, num_batches_tracked, mean.contiguous(),
                        var.contiguous(), momentum, cumulative, count)
 
