@@ -109,7 +109,11 @@ def training_dataflow(unit: FusedUnit, model: nn.Module) -> str:
     where = {"prologue": "next conv's prologue", "tail": "block tail"}.get(unit.train_apply)
     if where is None:
         where = "BN" + ("+residual" if unit.residual else "") + ("+ReLU" if unit.relu else "") + " pass"
-    return head + f"conv+stats → {where}"
+    stats = "stats"
+    if isinstance(bn, nn.SyncBatchNorm):
+        # which ranks it merges over is decided per forward (torch's rule: distributed/sync_group)
+        stats = "stats synced across ranks" if bn.process_group is None else "stats synced in its process group"
+    return head + f"conv+{stats} → {where}"
 
 
 def units(model: nn.Module) -> list[FusedUnit]:

@@ -11,6 +11,14 @@
 #                                      sections for ResNet-50 batch 256 bf16 with both backends
 #                                      and their graphs, and a batch-1 e2e, into DIR (default
 #                                      benchmarks/results/round2; ~8 minutes)
+#   scripts/gpu_session.sh dist [DIR]   training beyond one GPU (issue 19): the captured training
+#                                      step's GPU tests (-s: eager vs graphed step time), the
+#                                      distributed and TrainingStep CPU tests on that machine's
+#                                      torch, then the report's train section for ResNet-50
+#                                      batch 256 bf16 (eager, compile, resnet_fast plain and
+#                                      TrainingStep-graphed) into DIR (default
+#                                      benchmarks/results/dist19; ~8 minutes). One GPU: no
+#                                      multi-GPU figure can be taken there.
 # Wheels missing there (nvidia-cutlass, and setuptools>=77 for the editable install, since that
 # machine's own setuptools may be older) travel in .whl/ (see README, "On a lent GPU").
 set -uo pipefail
@@ -97,6 +105,19 @@ case "$what" in
       tests/gpu/test_round2_gpu.py -k "tma or converted" 2>&1 | tee -a "$OUT/round2_tests.log"
     cp -r "$dest/." "$OUT/$dest/"
     cp ~/.cache/resnet_fast/choices.json "$OUT/" 2>/dev/null || true
+    exit "$rc" ;;
+  dist)
+    dest=${1:-benchmarks/results/dist19}
+    mkdir -p "$dest" "$OUT/$dest"
+    timeout 200 python3 -m pytest -q -s -rs -p no:cacheprovider tests/gpu/test_train_graphs_gpu.py \
+      2>&1 | tee "$OUT/dist_tests.log"
+    # the gloo tests (2 processes) and the staleness logic, on this machine's torch (2.11)
+    timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_distributed.py \
+      tests/test_train_graphs.py 2>&1 | tee -a "$OUT/dist_tests.log"
+    timeout 300 python3 -m benchmarks.report --out "$dest" --sections train --budget-s 270 \
+      --skip train_compile_max_autotune --backends triton 2>&1 | tee -a "$OUT/bench.log"
+    rc=${PIPESTATUS[0]}
+    cp -r "$dest/." "$OUT/$dest/"
     exit "$rc" ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

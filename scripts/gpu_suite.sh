@@ -35,6 +35,7 @@ M=tests/gpu/test_models_gpu.py
   group models_cuda "$M" -k "cuda and not triton" &
   group ops_autograd tests/gpu/test_ops_autograd_gpu.py &  # backward, add_relu joins, fused AdamW
   group training tests/gpu/test_training_gpu.py &        # fused training: bf16/fp16/fp32, CUDA graph
+  group train_graphs tests/gpu/test_train_graphs_gpu.py &  # TrainingStep: captured step, staleness
   wait
 ) &
 group triton tests/gpu/test_triton_gpu.py &
@@ -57,7 +58,7 @@ wait
 } >"$OUT/sanitizer.log" 2>&1
 grep '^\[sanitizer' "$OUT/sanitizer.log" >>"$LOGS/summary"
 
-for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact round2 ops_autograd training cuda models_cuda; do
+for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact round2 ops_autograd training train_graphs cuda models_cuda; do
   echo "=================== $f"; cat "$LOGS/$f.log" 2>/dev/null
 done >"$OUT/gpu_tests.log"
 echo "=== summary"; cat "$LOGS/summary"

@@ -200,7 +200,8 @@ def scenario_syncbn(rank: int, world: int) -> dict:
     opts = [sgd(m) for m in (ref64, ref32, before, after)]
     out = {"loss": [[] for _ in range(4)], "n_sync": n_sync,
            "fused_before": [r["fused"] for r in rf.fusion_summary(before)],
-           "fused_after": [r["fused"] for r in rf.fusion_summary(after)]}
+           "fused_after": [r["fused"] for r in rf.fusion_summary(after)],
+           "training_after": [r["training"] for r in rf.fusion_summary(after)]}
     # equal shards, unequal shards (3 + 5: the global count only the collective knows), equal
     for step, sizes in ((0, None), (1, [3, 5]), (2, None)):
         x, y = data[step]

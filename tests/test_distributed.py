@@ -139,6 +139,7 @@ def test_sync_batchnorm_keeps_the_fused_path(ranks):
     res = _scenario(ranks, "syncbn")[0]
     assert res["n_sync"] > 0
     assert all(res["fused_before"]) and all(res["fused_after"]), (res["fused_before"], res["fused_after"])
+    assert all("stats synced across ranks" in t for t in res["training_after"]), res["training_after"]
 
 
 def test_sync_batchnorm_equals_batchnorm_on_the_global_batch(ranks):
