@@ -49,6 +49,7 @@ import triton.language as tl
 from resnet_fast.kernels.batch_norm import empty_partials, merge_partials, store_tile_stats, tile_stats
 from resnet_fast.kernels.indexing import needs_int64_index
 from resnet_fast.kernels.launch import TRITON_DTYPES as _TORCH_TO_TRITON
+from resnet_fast.kernels.launch import TRITON_FP8_DTYPES as _FP8_TO_TRITON
 from resnet_fast.kernels.launch import compile_spec, direct_launcher
 from resnet_fast.ops import conv_output_hw
 
@@ -150,9 +151,35 @@ def _pre_activation(a, ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED: tl.cons
     return t.to(a.dtype)
 
 
+# Triton's interpreter converts e4m3 wrongly (checked with triton 3.8): fp32 -> fp8e4nv truncates
+# and can drop a value near the top of its binade to half of it (7.76 -> 4.0), NaN encodes as
+# 384, and the NaN pattern 0x7f decodes as 480. A GPU converts exactly (cvt.rn.satfinite, and
+# e4m3fn's NaN), so the two helpers below run only where the launcher asks (EXACT_FP8, set
+# under the interpreter): the CPU tests then check the kernel's own arithmetic, not the
+# interpreter's conversions.
+@triton.jit
+def _load_fp8_exact(ptr, offs, mask):
+    # an e4m3 operand as fp32, its NaNs read as NaN (fp32 products of e4m3 values are exact)
+    v = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    bits = tl.load(ptr.to(tl.pointer_type(tl.uint8)) + offs, mask=mask, other=0)
+    return tl.where((bits & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    # v rounded to the nearest e4m3 value (ties to even), still fp32, so the cast is exact
+    bits = v.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # keep 3 of 23 mantissa bits
+    normal = bits.to(tl.float32, bitcast=True)
+    tiny = tl.floor(v * 512.0 + 0.5) / 512.0  # below 2^-6 e4m3 is subnormal: steps of 2^-9
+    r = tl.where(tl.abs(v) < 0.015625, tiny, normal)
+    return tl.where(v != v, v, r)  # NaN stays NaN
+
+
 @triton.jit
 def conv_bn_act_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, pre_scale_ptr, pre_bias_ptr, y_ptr, part_ptr,
+    w_scale_ptr, x_scale_ptr, res_scale_ptr, out_scale_ptr,
     M, H, W, Cin, Ho, Wo, Cout, PART_TILES,
     M_BUCKET,  # not read: an autotuning key, M rounded up so that each layer shape tunes once
     KH: tl.constexpr, KW: tl.constexpr,
@@ -162,8 +189,15 @@ def conv_bn_act_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr, HAS_PRE: tl.constexpr, STATS: tl.constexpr,
     SMALL_CIN: tl.constexpr, DENSE_CIN: tl.constexpr, ROW_K: tl.constexpr,
     INT64_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DEQUANT: tl.constexpr, RES_SCALED: tl.constexpr, QUANT_OUT: tl.constexpr,
+    EXACT_FP8: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # FP8 (resnet_fast.fp8): DEQUANT - x and w are e4m3, the product of the tile dequantizes by
+    # w_scale[n] * x_scale; RES_SCALED - the residual reads as residual * res_scale (an e4m3
+    # block input or projection); QUANT_OUT - y is stored as e4m3 of y / out_scale, saturated
+    # at +-448 (NaN stays NaN). Scales are device tensors (one element, or Cout for w_scale),
+    # read here: nothing of a calibration is baked into the binary.
     # Grouped tile order (matmul tutorial): GROUP_M row-tiles sweep all of Cout together, so their
     # input rows are read from DRAM once and reused from L2 by every column tile.
     pid = tl.program_id(0)
@@ -197,6 +231,8 @@ def conv_bn_act_kernel(
     # frees its registers (one per accumulator column a thread holds) before the residual tile
     # is loaded, which keeps 128x256 tiles with a residual from spilling.
     bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0)
+    if DEQUANT:  # the accumulator is in units of w_scale * x_scale until the epilogue
+        bias = bias / (tl.load(w_scale_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(x_scale_ptr))
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) + bias[None, :]
     if DENSE_CIN > 0:
         # One kernel row per step (module doc): column j of the step is pixel j // DENSE_CIN of
@@ -235,12 +271,16 @@ def conv_bn_act_kernel(
             iw = iw0[:, None] + (tap % KW * DIL_W)[None, :]
             a_ok = (m_ok[:, None] & k_ok[None, :]
                     & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a = tl.load(x_ptr + (((img[:, None] * H + ih) * W + iw) * Cin + c[None, :]),
-                        mask=a_ok, other=0.0)
-            if HAS_PRE:
-                a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
-            b = tl.load(w_ptr + (w_rows[None, :] + k[:, None]),
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a_offs = ((img[:, None] * H + ih) * W + iw) * Cin + c[None, :]
+            b_offs = w_rows[None, :] + k[:, None]
+            if EXACT_FP8:
+                a = _load_fp8_exact(x_ptr, a_offs, a_ok)
+                b = _load_fp8_exact(w_ptr, b_offs, k_ok[:, None] & n_ok[None, :])
+            else:
+                a = tl.load(x_ptr + a_offs, mask=a_ok, other=0.0)
+                if HAS_PRE:
+                    a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
+                b = tl.load(w_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         # One loop over (tap, channel block) pairs (see the module doc), tracked by two
@@ -258,12 +298,16 @@ def conv_bn_act_kernel(
             c = c0 + offs_k
             c_ok = c < Cin
             a_ok = row_ok[:, None] & c_ok[None, :]
-            a = tl.load(x_ptr + ((x_rows + (dh * W + dw) * Cin)[:, None] + c[None, :]),
-                        mask=a_ok, other=0.0)
-            if HAS_PRE:
-                a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
-            b = tl.load(w_ptr + (w_rows[None, :] + (tap * Cin + c)[:, None]),
-                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            a_offs = (x_rows + (dh * W + dw) * Cin)[:, None] + c[None, :]
+            b_offs = w_rows[None, :] + (tap * Cin + c)[:, None]
+            if EXACT_FP8:
+                a = _load_fp8_exact(x_ptr, a_offs, a_ok)
+                b = _load_fp8_exact(w_ptr, b_offs, c_ok[:, None] & n_ok[None, :])
+            else:
+                a = tl.load(x_ptr + a_offs, mask=a_ok, other=0.0)
+                if HAS_PRE:
+                    a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
+                b = tl.load(w_ptr + b_offs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             # Next channel block, or the next tap's first. Branch-free: an `if` here stops the
             # compiler from software-pipelining the loop. A 1x1 conv keeps tap = 0, so its row
@@ -277,12 +321,29 @@ def conv_bn_act_kernel(
     # Epilogue in fp32: residual, ReLU; one cast and one masked store.
     y_offs = offs_m[:, None] * Cout + offs_n[None, :]
     y_ok = m_ok[:, None] & n_ok[None, :]
+    if DEQUANT:
+        acc = acc * (tl.load(w_scale_ptr + offs_n, mask=n_ok, other=1.0) * tl.load(x_scale_ptr))[None, :]
     if HAS_RESIDUAL:
-        acc += tl.load(res_ptr + y_offs, mask=y_ok, other=0.0).to(tl.float32)
+        if EXACT_FP8 and RES_SCALED:
+            r = _load_fp8_exact(res_ptr, y_offs, y_ok)
+        else:
+            r = tl.load(res_ptr + y_offs, mask=y_ok, other=0.0).to(tl.float32)
+        if RES_SCALED:
+            r = r * tl.load(res_scale_ptr)
+        acc += r
     if RELU:
         acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if QUANT_OUT:
+        acc = acc / tl.load(out_scale_ptr)
+        acc = tl.minimum(tl.maximum(acc, -448.0, propagate_nan=tl.PropagateNan.ALL), 448.0,
+                         propagate_nan=tl.PropagateNan.ALL)
+        if EXACT_FP8:
+            acc = _round_to_e4m3(acc)
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + y_offs, y, mask=y_ok)
+    if EXACT_FP8 and QUANT_OUT:  # NaN as e4m3fn's pattern (see _load_fp8_exact)
+        tl.store(y_ptr.to(tl.pointer_type(tl.uint8)) + y_offs, tl.full((BLOCK_M, BLOCK_N), 0x7F, tl.uint8),
+                 mask=y_ok & (acc != acc))
     if STATS:
         # Training: this tile's statistics per channel of y as stored (rounded), those the next
         # layer normalizes exactly this tensor with; merged by batch_norm.merge_partials
@@ -349,7 +410,8 @@ _tuned_kernels = None if INTERPRET else {small: _autotuned(conv_configs(small)) 
 
 
 
-def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual, relu, pre, stats=False):
+def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual, relu, pre, stats=False,
+                quant=(False, False, False)):
     """The scalar and constexpr kernel arguments of one layer (shared by the launcher and the
     ahead-of-time compile spec, so the report compiles exactly what runs)."""
     n, cin, h, w = x_shape
@@ -369,6 +431,8 @@ def _layer_args(x_shape, w_shape, stride, padding, dilation, dtype, *, residual,
         DENSE_CIN=cin if dense else 0, ROW_K=triton.next_power_of_2(max(kw * cin, 16)) if dense else 16,
         INT64_OFFSETS=int64_offsets,
         INPUT_PRECISION=input_precision(dtype),
+        DEQUANT=quant[0], RES_SCALED=quant[1], QUANT_OUT=quant[2],
+        EXACT_FP8=quant[0] and INTERPRET,
     )
     return (n, cout, ho, wo), scalars, constexprs
 
@@ -425,25 +489,47 @@ def conv_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride
     return y, mean, var
 
 
+def conv_bn_act_fp8(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, w_scale: torch.Tensor,
+                    x_scale: torch.Tensor, stride, padding, dilation,
+                    residual: torch.Tensor | None = None, res_scale: torch.Tensor | None = None,
+                    relu: bool = True, out_scale: torch.Tensor | None = None,
+                    out_dtype: torch.dtype = torch.bfloat16, *, out: torch.Tensor | None = None,
+                    config: triton.Config | str | None = None) -> torch.Tensor:
+    """The fused conv on e4m3 operands (see resnet_fast.fp8): y = act(conv(x, w) * w_scale[n] *
+    x_scale + bias [+ residual * res_scale]), fp32 accumulation and epilogue, stored as e4m3 of
+    y / out_scale (saturated) when ``out_scale`` is given, else in ``out_dtype``. x, residual:
+    NHWC; weight: OHWI e4m3; w_scale [Cout], x_scale/res_scale/out_scale one-element fp32."""
+    if out_scale is not None:
+        out_dtype = x.dtype
+    y, _ = _run(x, weight, bias, stride, padding, dilation, residual, relu, None, None, out=out,
+                config=config, stats=False, scales=(w_scale, x_scale, res_scale, out_scale),
+                out_dtype=out_dtype)
+    return y
+
+
 #: the smallest BLOCK_M of any config: the most tiles a layer's statistics can have
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in [INTERPRETER_CONFIG, *conv_configs(False).values(),
                                                    *conv_configs(True).values()])
 
 
 def _run(x, weight, bias, stride, padding, dilation, residual, relu, pre_scale, pre_bias, *,
-         out, config, stats: bool):
-    if x.dtype not in _TORCH_TO_TRITON:
-        raise TypeError(f"the Triton conv takes float16, bfloat16 or float32, not {x.dtype}")
+         out, config, stats: bool, scales=(None, None, None, None), out_dtype=None):
+    w_scale, x_scale, res_scale, out_scale = scales
+    quant = (w_scale is not None, res_scale is not None, out_scale is not None)
+    if x.dtype not in _TORCH_TO_TRITON and not (quant[0] and x.dtype in _FP8_TO_TRITON):
+        raise TypeError(f"the Triton conv takes float16, bfloat16 or float32 (float8_e4m3fn with "
+                        f"scales: conv_bn_act_fp8), not {x.dtype}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     for name, t in (("x", x), ("weight", weight), ("residual", residual), ("out", out)):
         if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(f"{name} must be 4-D and channels_last-contiguous (NHWC / OHWI in memory)")
     config = _asked_config(config)  # part of the launch key
     launch = _launch_for(x, weight, stride, padding, dilation, residual is not None, relu, pre_scale is not None,
-                         stats, config)
+                         stats, config, quant, out_dtype)
     if out is None:
-        out = torch.empty(launch.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    elif out.shape != launch.out_shape or out.dtype != x.dtype:
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {launch.out_shape}, "
+        out = torch.empty(launch.out_shape, dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
+    elif out.shape != launch.out_shape or out.dtype != out_dtype:
+        raise ValueError(f"out must be a {out_dtype} tensor of shape {launch.out_shape}, "
                          f"got {out.dtype} {tuple(out.shape)}")
     if out.numel() == 0:
         return out, launch
@@ -454,21 +540,21 @@ def _run(x, weight, bias, stride, padding, dilation, residual, relu, pre_scale, 
     part_tiles = part.shape[1] if part is not None else 1
     if launch.kwargs is not None:  # config known: straight to the kernel
         conv_bn_act_kernel[launch.grid](x, weight, bias, residual, pre_scale, pre_bias, out,
-                                        part, PART_TILES=part_tiles, **launch.kwargs)
+                                        part, *scales, PART_TILES=part_tiles, **launch.kwargs)
         return out, launch
     # First launch of this layer without a fixed config: the autotuner picks one (or finds its
     # earlier pick), and the launch keeps it so later launches skip the autotuner's per-call work.
     # (The autotuner's final run is with the config it picked, so the partials are that config's.)
     tuner = _tuned_kernels[launch.constexprs["SMALL_CIN"]]
     start = time.perf_counter()
-    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, part,
+    tuner[launch.grid_fn](x, weight, bias, residual, pre_scale, pre_bias, out, part, *scales,
                           PART_TILES=part_tiles, **launch.scalars, **launch.constexprs)
     launch.set_config(tuner.best_config)
     # a first forward autotunes every new layer shape (seconds each): say so, one line a layer
     _log.info("resnet_fast: Triton conv %s->%s %sx%s/s%s on %s %s%s tuned in %.1f s (%s)",
               x.shape[1], weight.shape[0], weight.shape[2], weight.shape[3], stride[0],
               "x".join(map(str, x.shape[2:])), str(x.dtype).replace("torch.", ""),
-              " with statistics" if stats else "", time.perf_counter() - start,
+              (" with statistics" if stats else "") + (" fp8" if quant[0] else ""), time.perf_counter() - start,
               config_name(tuner.best_config))
     return out, launch
 
@@ -486,7 +572,7 @@ def relaunch(launch: "_Launch", x, weight, bias, residual, pre_scale, pre_bias) 
     """conv_bn_act again for tensors of the same shapes, dtypes and layouts as the call that
     made ``launch`` (:func:`prepared_launch`): straight to the kernel, no checks or lookups."""
     out = torch.empty(launch.out_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    args = (x, weight, bias, residual, pre_scale, pre_bias, out, None)
+    args = (x, weight, bias, residual, pre_scale, pre_bias, out, None, None, None, None, None)
     if launch.relaunch is None:  # the first repeat launches through run and keeps the binary
         launch.relaunch = direct_launcher(conv_bn_act_kernel, launch.grid, args,
                                           {"PART_TILES": 1, **launch.kwargs})
@@ -524,16 +610,17 @@ _launches: dict = {}
 
 
 def _launch_for(x, weight, stride, padding, dilation, residual: bool, relu: bool, pre: bool, stats: bool,
-                config) -> _Launch:
+                config, quant=(False, False, False), out_dtype=None) -> _Launch:
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     # input_precision reads torch's TF32 switch at every call: it is part of the key
     key = (tuple(x.shape), tuple(weight.shape), stride, padding, dilation, x.dtype, residual, relu, pre,
-           stats, input_precision(x.dtype), config if config is None or isinstance(config, str) else id(config))
+           stats, input_precision(x.dtype), config if config is None or isinstance(config, str) else id(config),
+           quant, out_dtype or x.dtype)
     launch = _launches.get(key)
     if launch is None:
         out_shape, scalars, constexprs = _layer_args(tuple(x.shape), tuple(weight.shape), stride, padding,
                                                      dilation, x.dtype, residual=residual, relu=relu, pre=pre,
-                                                     stats=stats)
+                                                     stats=stats, quant=quant)
         launch = _Launch(out_shape, scalars, constexprs, _resolve_config(config))
         if config is None or isinstance(config, str):  # a Config object may be a one-off: not kept
             if len(_launches) >= _MAX_LAUNCHES:
@@ -551,18 +638,19 @@ def chosen_configs() -> list[dict]:
     reports, so that a timing can be read together with the tile that produced it."""
     out = []
     for key, launch in _launches.items():
-        x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, stats, precision, _ = key
+        x_shape, w_shape, stride, padding, dilation, dtype, residual, relu, pre, stats, precision, _, quant, out_dt = key
         cfg = None if launch.config is None else config_name(launch.config)
         out.append({"x": list(x_shape), "weight": list(w_shape), "stride": list(stride),
                     "padding": list(padding), "dilation": list(dilation),
                     "dtype": str(dtype).replace("torch.", ""), "residual": residual, "relu": relu,
-                    "pre": pre, "stats": stats, "input_precision": precision, "config": cfg})
+                    "pre": pre, "stats": stats, "input_precision": precision, "config": cfg,
+                    "fp8": quant[0], "out_dtype": str(out_dt).replace("torch.", "")})
     return out
 
 
 def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), padding=(0, 0),
                       dilation=(1, 1), *, residual=False, relu=True, pre=False, stats=False,
-                      config: triton.Config | str) -> dict:
+                      fp8_out: bool = False, config: triton.Config | str) -> dict:
     """What ``triton.compile`` needs to build one layer's kernel ahead of time, no GPU required::
 
         spec = conv_compile_spec(torch.bfloat16, (256, 64, 56, 56), (64, 64, 3, 3), (1, 1), (1, 1),
@@ -578,13 +666,20 @@ def conv_compile_spec(dtype: torch.dtype, x_shape, w_shape, stride=(1, 1), paddi
     config = _resolve_config(config)
     _, scalars, constexprs = _layer_args(
         tuple(x_shape), tuple(w_shape), tuple(stride), tuple(padding), tuple(dilation), dtype,
-        residual=residual, relu=relu, pre=pre, stats=stats)
+        residual=residual, relu=relu, pre=pre, stats=stats,
+        quant=(dtype in _FP8_TO_TRITON, residual and dtype in _FP8_TO_TRITON, fp8_out))
     constexprs.update(config.kwargs)
     # the statistics buffer's tile count (room for the smallest BLOCK_M's tiles; 1: no buffer)
     scalars["PART_TILES"] = triton.cdiv(scalars["M"], _MIN_BLOCK_M) if stats else 1
-    elem = "*" + _TORCH_TO_TRITON[dtype]
+    fp8 = dtype in _FP8_TO_TRITON
+    elem = "*" + {**_TORCH_TO_TRITON, **_FP8_TO_TRITON}[dtype]
+    # an fp8 conv (e4m3 operands) writes e4m3 (fp8_out) or bf16 (the last layer before the head)
+    out_elem = elem if not fp8 or fp8_out else "*bf16"
     pointers = dict(x_ptr=elem, w_ptr=elem, bias_ptr="*fp32", res_ptr=elem if residual else None,
                     pre_scale_ptr="*fp32" if pre else None, pre_bias_ptr="*fp32" if pre else None,
-                    y_ptr=elem, part_ptr="*fp32" if stats else None)
+                    y_ptr=out_elem, part_ptr="*fp32" if stats else None,
+                    w_scale_ptr="*fp32" if fp8 else None, x_scale_ptr="*fp32" if fp8 else None,
+                    res_scale_ptr="*fp32" if fp8 and residual else None,
+                    out_scale_ptr="*fp32" if fp8_out else None)
     return compile_spec(conv_bn_act_kernel, pointers, scalars, constexprs,
                         {"num_warps": config.num_warps, "num_stages": config.num_stages})

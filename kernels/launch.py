@@ -89,6 +89,9 @@ def direct_launcher(fn, grid: tuple, args: tuple, kwargs: dict) -> Callable:
 
 #: torch dtype -> the name Triton's signatures use, for the dtypes the kernels take
 TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+#: the 8-bit float the fp8 conv reads and writes (resnet_fast.fp8); apart, so that the launchers
+#: of 16/32-bit tensors keep refusing it
+TRITON_FP8_DTYPES = {torch.float8_e4m3fn: "fp8e4nv"}
 
 
 def compile_spec(fn, pointers: dict, scalars: dict, constexprs: dict, options: dict) -> dict:

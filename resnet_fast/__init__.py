@@ -8,8 +8,9 @@ from . import backends, ops
 from .convert import FUSED_KINDS, convert, fusion_summary, set_backend
 from .fold import FoldCache, StaleFoldError, fold_conv_bn, refresh, verify_folds
 from .modules import BasicBlock, Bottleneck, ConvBNAct, ReferencePathWarning
-from . import distributed, graphs, train_graphs
+from . import distributed, fp8, graphs, quantize, train_graphs
 from .graphs import CudaGraphRunner, StaleGraphError
+from .quantize import quantize_fp8
 from .train_graphs import TrainingStep, capture_training_step
 from .ops import add_relu, add_relu_, conv_bn_act, max_pool2d
 
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BasicBlock", "Bottleneck", "ConvBNAct", "CudaGraphRunner", "FUSED_KINDS", "FoldCache",
     "ReferencePathWarning", "StaleFoldError", "StaleGraphError", "TrainingStep", "add_relu", "add_relu_",
-    "backends", "capture_training_step", "conv_bn_act", "convert", "distributed", "fold_conv_bn",
-    "fusion_summary", "graphs", "max_pool2d", "ops", "refresh", "set_backend", "train_graphs", "verify_folds",
+    "backends", "capture_training_step", "conv_bn_act", "convert", "distributed", "fold_conv_bn", "fp8",
+    "fusion_summary", "graphs", "max_pool2d", "ops", "quantize", "quantize_fp8", "refresh", "set_backend",
+    "train_graphs", "verify_folds",
 ]

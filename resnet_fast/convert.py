@@ -19,6 +19,7 @@ with the reason, in one warning; ``fusion_summary(model)`` says what happened to
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Optional
 
@@ -54,6 +55,13 @@ if _tv is not None:
         """
 
         def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+            if "_resnet_fast_fp8" in self.__dict__:  # quantized (resnet_fast.quantize_fp8)
+                from . import quantize
+                why = quantize.why_not_fp8(self, x)
+                if why is None:
+                    return quantize.forward_fp8(self, x)
+                backends.say_once(f"resnet_fast: the fp8-quantized {type(self).__name__} runs its "
+                                  f"unquantized forward: {why}", logging.WARNING)
             if has_hooks(self.relu):  # the fused stem would skip the ReLU module's hooks
                 if x.dim() == 4 and not self.training:
                     be = backends.resolve(self.backend, x, weight=self.conv1.weight, groups=self.conv1.groups)
@@ -183,13 +191,15 @@ class FusionSummary(list):
             fused = "+".join(r["fused"]) or "-"
             if r.get("pool"):
                 fused += f" -> {r['pool']} (NHWC pool)"
+            prec = f"  [{r['precision']}]" if r.get("precision") else ""
             lines.append(f"{r['name']:<{w}}  {fused:<28}  "
-                         f"{r['training'] or '-':<{t}}  {r['reason'] or ''}")
+                         f"{r['training'] or '-':<{t}}  {r['reason'] or ''}{prec}")
         return "\n".join(lines)
 
 
 def fusion_summary(model: nn.Module) -> FusionSummary:
-    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused", "training", "pool"}.
+    """One row per nn.Conv2d of ``model``: {"name", "fused", "reason", "runs_fused", "training",
+    "pool", "precision"}.
 
     "name" is the conv's name in ``model.named_modules()``; "fused" the kinds fused into it
     (see FUSED_KINDS; empty when none); "reason" None, or why it is not (or not fully) fused;
@@ -198,10 +208,14 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
     "runs_fused" whether the conv runs on resnet_fast's conv op in eval() (every fused conv,
     and a stem with nothing to fuse: see fusion_rules.BARE_UNIT_MAX_CIN); "training" what a
     train() forward runs for it, in words (:func:`resnet_fast.plan.training_dataflow`; None where
-    it runs unfused). Read off the model's fusion plan (:func:`resnet_fast.plan.units`).
+    it runs unfused); "precision" None, or for a model :func:`resnet_fast.quantize_fp8` quantized
+    what the conv's eval() forward reads and writes, and why a conv stays in 16 bits. Read off
+    the model's fusion plan (:func:`resnet_fast.plan.units`).
     """
+    from .quantize import precision_of
     fused = {u.conv: u for u in plan.units(model)}
     reasons = plan.reasons(model)
+    precision = precision_of(model)
     notes = model.__dict__.get("_resnet_fast_notes", {})
     out = FusionSummary()
     for name, m in model.named_modules():
@@ -213,8 +227,12 @@ def fusion_summary(model: nn.Module) -> FusionSummary:
         if not kinds and reason is None:
             reason = _nearest_note(notes, name) or "not part of a recognised conv pattern"
         train = plan.training_dataflow(unit, model) if unit is not None else None
-        out.append({"name": name, "fused": kinds, "reason": reason, "runs_fused": unit is not None,
-                    "training": train, "pool": unit.pool if unit is not None else None})
+        row = {"name": name, "fused": kinds, "reason": reason, "runs_fused": unit is not None,
+               "training": train, "pool": unit.pool if unit is not None else None, "precision": None}
+        if precision is not None and name in precision:
+            kind, detail = precision[name]
+            row["precision"] = kind if detail == kind else f"{kind} ({detail})"
+        out.append(row)
     return out
 
 

@@ -178,7 +178,10 @@ class FoldCache:
     inductor constant-folds with ``freezing`` on.
     """
 
-    def __init__(self):
+    def __init__(self, compute=None):
+        #: what a refold computes: ``compute(conv, bn, pre_bn, dtype, backend)`` -> the cached
+        #: tuple (default: the folded weight, bias, pre_scale, pre_bias; fp8: fold_fp8)
+        self._compute = compute
         self._key = None
         self._value = None
         # the keyed tensors themselves (an id can be reused once a tensor dies); strong
@@ -187,20 +190,21 @@ class FoldCache:
         self._pins: tuple = ()
 
     def get(self, conv: nn.Conv2d, bn, pre_bn, dtype: torch.dtype, backend):
+        compute = self._compute or _fold  # read at each call (the tests count folds)
         if torch.compiler.is_compiling():
-            return _fold(conv, bn, pre_bn, dtype, backend)
+            return compute(conv, bn, pre_bn, dtype, backend)
         parts = (_module_tensors(conv), _module_tensors(bn), _module_tensors(pre_bn))
         if None in parts:
-            return _fold(conv, bn, pre_bn, dtype, backend)
+            return compute(conv, bn, pre_bn, dtype, backend)
         tensors = parts[0] + parts[1] + parts[2]
         tkey = _cache_key(tensors)
         if tkey is None:
-            return _fold(conv, bn, pre_bn, dtype, backend)
+            return compute(conv, bn, pre_bn, dtype, backend)
         key = (tkey, _generation, getattr(bn, "eps", None), getattr(pre_bn, "eps", None), dtype,
                backend.name)
         live = [t for t in tensors if t is not None]
         if key != self._key or any(r is not t for r, t in zip(self._refs, live)):
-            self._value = _fold(conv, bn, pre_bn, dtype, backend)
+            self._value = compute(conv, bn, pre_bn, dtype, backend)
             self._key = key
             self._refs = tuple(live)
             # Holding the storages keeps their addresses from being reused by a later tensor
@@ -208,16 +212,16 @@ class FoldCache:
             # reused address with an unchanged version would look like the folded data).
             self._pins = tuple(t.untyped_storage() for t in live)
         elif _verify:
-            _check_fold(self._value, _fold(conv, bn, pre_bn, dtype, backend), conv)
+            _check_fold(self._value, compute(conv, bn, pre_bn, dtype, backend), conv)
         return self._value
 
     # A copy or a pickle starts empty: the folded tensors are derived state, and weak
     # references cannot be pickled anyway.
     def __getstate__(self):
-        return {}
+        return {"compute": self._compute}
 
     def __setstate__(self, state):
-        self.__init__()
+        self.__init__(state.get("compute"))
 
     def clear(self):
         self._key = self._value = None
@@ -251,6 +255,20 @@ def pack_folded(backend, w: torch.Tensor, groups: int, pre: bool = False) -> tor
 
 
 @torch.no_grad()
+def fold_fp8(conv, bn, pre_bn, dtype, backend):
+    """The fp8 fold of one conv (resnet_fast.fp8): (e4m3 weight, OHWI, quantized per output
+    channel; fp32 bias; fp32 per-channel weight scales; None), from the fp32 fold of conv and
+    bn. A FoldCache(compute=fold_fp8) keeps it never stale like every other fold."""
+    from .fp8 import quantize_weight, weight_scales
+    if pre_bn is not None:
+        raise ValueError("fp8 convs take no pre-activation prologue")
+    w, b = fold_conv_bn(conv, bn, torch.float32)
+    with torch.no_grad():
+        scales = weight_scales(w)
+        wq = quantize_weight(w, scales).contiguous(memory_format=torch.channels_last)
+    return wq, b.detach().float().contiguous(), scales.contiguous(), None
+
+
 def _fold(conv, bn, pre_bn, dtype, backend):
     w, b = fold_conv_bn(conv, bn, dtype)
     w = pack_folded(backend, w, conv.groups, pre_bn is not None)

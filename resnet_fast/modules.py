@@ -21,7 +21,7 @@ from torch.nn.modules import module as _nn_module
 
 from . import backends, ops, training
 from .backends import measured
-from .fold import FoldCache
+from .fold import FoldCache, fold_fp8
 from .fusion_rules import conv_refusal, fusable_downsample, has_hooks, pool_refusal
 from .plan import FusedUnit, unit_of
 
@@ -103,11 +103,13 @@ class UnitState:
     """What one fused unit keeps between calls: its folded tensors (a never-stale FoldCache)
     and its last eval() call, ready to repeat (:class:`_ReadyCall`)."""
 
-    __slots__ = ("fold", "ready")
+    __slots__ = ("fold", "ready", "fp8")
 
     def __init__(self):
         self.fold = FoldCache()
         self.ready = None
+        #: the e4m3 fold of a quantized model's unit (resnet_fast.quantize), filled on first use
+        self.fp8 = FoldCache(compute=fold_fp8)
 
     # derived state: a copy or a pickle starts empty
     def __getstate__(self):

@@ -178,6 +178,30 @@ def resolve(name: Optional[str], x: torch.Tensor, weight: Optional[torch.Tensor]
     return get(cand)
 
 
+def fp8_backend(name, device: torch.device) -> Backend:
+    """The backend that runs fp8 convs (resnet_fast.fp8_ops) on ``device``: ``name``'s when it
+    has an fp8 kernel there (an explicit name that has none is an error), else for ``auto`` the
+    first kernel backend that has one, else the reference (said once, with why)."""
+    if isinstance(name, Backend):
+        return name
+    name = validate_name(name) or default_name()
+    if name != "auto":
+        be = get(name)
+        ok, why = be.fp8_support(device)
+        if not ok:
+            raise RuntimeError(f"backend {name!r} cannot run fp8 convs on {torch.device(device).type}: {why}")
+        return be
+    reasons = []
+    for cand in ("triton",):
+        ok, why = get(cand).fp8_support(device)
+        if ok:
+            return get(cand)
+        reasons.append(f"{cand}: {why}")
+    say_once(f"resnet_fast: fp8 convs run the reference ops ({'; '.join(reasons)})",
+             logging.WARNING if torch.device(device).type == "cuda" else logging.DEBUG)
+    return get("torch")
+
+
 def _measured(x, weight, groups, pre, call) -> Optional[Backend]:
     """The measured choice among two or more kernel backends taking the call, else None."""
     takers = [get(c) for c, ok, _ in _takers(x, weight, groups, pre) if ok and c != "torch"]

@@ -77,6 +77,18 @@ class Backend:
         from ..ops import max_pool2d_reference
         return max_pool2d_reference(x, kernel_size, stride, padding, dilation, ceil_mode)
 
+    def fp8_support(self, device: torch.device) -> tuple[bool, str]:
+        """Whether this backend has an fp8 (e4m3) conv kernel for ``device``
+        (:mod:`resnet_fast.fp8_ops`); where not, fp8 inference runs the reference."""
+        return False, f"backend {self.name!r} has no fp8 conv kernel"
+
+    def conv_bn_act_fp8(self, x, weight, bias, w_scale, x_scale, stride, padding, dilation, groups,
+                        residual, res_scale, relu, out_scale, out_dtype) -> torch.Tensor:
+        """The fp8 op of the contract (:mod:`resnet_fast.fp8_ops`); the reference by default."""
+        from ..fp8_ops import REFERENCE_OP
+        return REFERENCE_OP(x, weight, bias, w_scale, x_scale, stride, padding, dilation, groups,
+                            residual, res_scale, relu, out_scale, out_dtype)
+
     def training_ops(self, device: torch.device, dtype: torch.dtype):
         """The :class:`resnet_fast.train_ops.TrainingOps` a training forward on this backend runs
         (batch statistics, the BN apply and the block tail). The reference ops by default."""

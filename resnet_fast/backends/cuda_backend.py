@@ -454,6 +454,15 @@ class CudaBackend(Backend):
             return get("triton").max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
         return super().max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
+    def fp8_support(self, device):
+        """No CUTLASS fp8 conv yet: fp8 inference on this backend runs the Triton fp8 kernel."""
+        from . import get
+        return get("triton").fp8_support(device)
+
+    def conv_bn_act_fp8(self, *args):
+        from . import get
+        return get("triton").conv_bn_act_fp8(*args)
+
     def training_ops(self, device, dtype):
         """No CUTLASS training kernels yet (a statistics epilogue is issue-17 follow-up work):
         training on this backend runs the Triton training kernels where Triton can run, else the

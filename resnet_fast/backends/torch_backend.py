@@ -24,6 +24,9 @@ class TorchBackend(Backend):
         return ops.conv_bn_act_reference(x, weight, bias, stride, padding, dilation, groups,
                                          residual, relu, pre_scale, pre_bias)
 
+    def fp8_support(self, device):
+        return True, ""  # the reference: dequantize, fp32 conv, requantize
+
     def add_relu(self, a, b):
         return ops.add_relu_reference(a, b)
 

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from .. import ops, train_ops
+from .. import fp8_ops, ops, train_ops
 from ..kernels import add_relu as _add_relu
 from ..kernels import batch_norm as _bn
 from ..kernels import conv_bn_act as _conv
@@ -124,6 +124,19 @@ def _sba_backward_impl(grad, y, scale, shift, residual, res_scale, res_shift, re
     return dy, dres if dres is not None else y.new_empty(0), sum_g, sum_gy, sum_gr if sum_gr is not None else empty
 
 
+def _fp8_conv_impl(x, weight, bias, w_scale, x_scale, stride, padding, dilation, groups, residual,
+                   res_scale, relu, out_scale, out_dtype):
+    if groups != 1 or not fp8_ops.nhwc_ok(x, weight, residual):
+        return fp8_ops.conv_bn_act_fp8_reference(x, weight, bias, w_scale, x_scale, stride, padding,
+                                                 dilation, groups, residual, res_scale, relu,
+                                                 out_scale, out_dtype)
+    return _conv.conv_bn_act_fp8(x, weight, bias, w_scale, x_scale, stride, padding, dilation,
+                                 residual, res_scale, relu, out_scale, out_dtype)
+
+
+_fp8_conv_op = fp8_ops.define_fp8_op("triton", _fp8_conv_impl)
+
+
 TRAINING_OPS = train_ops.define_training_ops("triton", {
     "conv_stats": _conv_stats_impl, "batch_stats": _batch_stats_impl, "bn_finalize": _bn_finalize_impl,
     "bn_update_running": _bn_update_running_impl, "scale_bias_act": _sba_impl,
@@ -190,6 +203,24 @@ class TritonBackend(Backend):
             return _conv_op(x, weight, bias, stride, padding, dilation, groups, residual, relu,
                             pre_scale, pre_bias)
         return run
+
+    def fp8_support(self, device):
+        device = torch.device(device)
+        if device.type == "cpu":
+            return (True, "") if _conv.INTERPRET else (False, "Triton runs on the CPU only in its interpreter")
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False, f"no Triton target for {device.type}"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return False, (f"sm_{cap[0]}{cap[1]} has no fp8 tensor cores (e4m3 MMA starts at sm_89): "
+                           f"fp8 inference there runs the reference (dequantize, fp32 conv)")
+        return True, ""
+
+    def conv_bn_act_fp8(self, x, weight, bias, w_scale, x_scale, stride, padding, dilation, groups,
+                        residual, res_scale, relu, out_scale, out_dtype):
+        run = _fp8_conv_impl if ops.direct_call_ok(x, weight, bias, residual) else _fp8_conv_op
+        return run(x, weight, bias, w_scale, x_scale, list(stride), list(padding), list(dilation), groups,
+                   residual, res_scale, relu, out_scale, out_dtype)
 
     def max_pool2d(self, x, kernel_size, stride, padding, dilation, ceil_mode):
         run = _max_pool_impl if ops.direct_call_ok(x) else _max_pool_op

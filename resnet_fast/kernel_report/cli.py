@@ -174,6 +174,9 @@ def format_report(report: dict, *, all_rows: bool = False, markdown: bool = Fals
         out.append(f"\nInference kernels other than the conv ({env['dtype']}, batch {env['batch']}; "
                    f"registers / spills / shared bytes / TMA loads / roofline estimate):")
         for r in ik:
+            if "fallback" in r:
+                out.append(f"  {r['arch']:<7} {r['label']:<52} falls back: {r['fallback']}")
+                continue
             cells = ("ERROR " + r["error"][:80]) if "registers" not in r else \
                 (f"{r['registers']:>3} regs, {r['spill_bytes']} B spills, {r['shared_bytes']} B smem, "
                  f"{r['num_warps']} warps, {r.get('tma_loads') or 0} UTMALDG, est {r.get('estimate_us')} us "

@@ -525,7 +525,45 @@ def _other_kernel_rows(opts: ReportOptions, specs: dict, progress: Progress) -> 
     from . import triton_aot as ta
 
     entries = ta.inference_kernel_specs(opts.dtype, batch=opts.batch, resolution=opts.resolution)
-    return _kernel_rows(opts, specs, progress, entries, "inference")
+    rows = _kernel_rows(opts, specs, progress, entries, "inference")
+    return rows + _fp8_kernel_rows(opts, specs, progress)
+
+
+def _fp8_kernel_rows(opts: ReportOptions, specs: dict, progress: Progress) -> list[dict]:
+    """The fp8 conv where the arch has e4m3 tensor cores, its SASS checked for them (QGMMA with
+    E4M3 operands on sm_90a, e4m3 mma.sync on sm_89); on older archs one row saying why fp8
+    falls back (resnet_fast.fp8_ops: the reference there) instead of a failed compile."""
+    from . import triton_aot as ta
+
+    entries = ta.fp8_kernel_specs(batch=opts.batch)
+    capable = [a for a in opts.archs if specs[a].capability >= ta.FP8_MIN_CAPABILITY]
+    rows = []
+    if capable:
+        rows = _kernel_rows(dataclasses.replace(opts, archs=type(opts.archs)(capable)), specs, progress,
+                            entries, "fp8")
+        for r in rows:
+            r["dtype"] = "fp8e4m3"
+            if r.get("flops") and r.get("bytes") is not None:
+                # 8-bit MMA runs at twice the 16-bit rate (Ada and Hopper): the estimate's ceiling
+                a = specs[r["arch"]]
+                mem_us = r["bytes"] / (a.bandwidth_tbs * 1e6) if a.bandwidth_tbs else None
+                comp_us = r["flops"] / (2 * a.peak_for(torch.bfloat16) * 1e6)
+                if mem_us is not None:
+                    r["estimate_us"] = round(max(mem_us, comp_us), 1)
+                    r["bound"] = "compute" if comp_us > mem_us else "memory"
+            mma = r.get("mma") or {}
+            e4m3 = sum(v for k, v in mma.items() if "E4M3" in k)
+            r["fp8_mma"] = e4m3
+            if "registers" in r and not e4m3:
+                r["ok"] = False
+                r["error"] = f"no e4m3 tensor-core instruction in the SASS (mma: {mma})"
+    for a in opts.archs:
+        if a not in capable:
+            rows.append({"arch": a, "kernel": "conv_bn_act_kernel", "label": "fp8 conv (all layers)",
+                         "dtype": "fp8e4m3", "ok": True,
+                         "fallback": (f"{a} has no fp8 tensor cores (e4m3 MMA starts at sm_89): fp8 "
+                                      f"models run the reference fp8 op there (dequantize, fp32 conv)")})
+    return rows
 
 
 def _kernel_rows(opts: ReportOptions, specs: dict, progress: Progress, entries, subdir: str) -> list[dict]:

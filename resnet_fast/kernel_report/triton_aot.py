@@ -436,6 +436,34 @@ def inference_kernel_specs(dtype: torch.dtype, batch: int = 256, resolution: int
     return out
 
 
+#: ResNet-50 layers the report compiles the fp8 conv for: (label, H=W, cin, cout, k, residual, fp8 out)
+FP8_LAYERS = (("fp8 layer1 3x3 64->64", 56, 64, 64, 3, False, True),
+              ("fp8 layer3 3x3 256->256", 14, 256, 256, 3, False, True),
+              ("fp8 layer3 1x1 256->1024 +residual", 14, 256, 1024, 1, True, True),
+              ("fp8 layer4 1x1 512->2048 +residual, bf16 out", 7, 512, 2048, 1, True, False))
+#: the lowest capability with e4m3 tensor cores (Ada, sm_89; Hopper's are warpgroup QGMMA)
+FP8_MIN_CAPABILITY = 89
+
+
+def fp8_kernel_specs(batch: int = 256, configs: tuple = ("m128n128k64w8s4", "m128n64k64w4s4")) -> list[tuple]:
+    """The fp8 conv (conv_bn_act_kernel on e4m3 operands, resnet_fast.fp8_ops) for the layers of
+    FP8_LAYERS, as inference_kernel_specs' entries: bytes are 1 per activation and weight element
+    (2 for a bf16 output), FLOPs 2 * M * K * N."""
+    conv = jit_module(importlib.import_module(_kernel_module("conv_bn_act")))
+    out = []
+    for label, hw, cin, cout, k, res, fp8_out in FP8_LAYERS:
+        m = batch * hw * hw
+        for cfg in configs:
+            spec = conv.conv_compile_spec(torch.float8_e4m3fn, (batch, cin, hw, hw), (cout, cin, k, k),
+                                          (1, 1), (k // 2, k // 2), residual=res, relu=True,
+                                          fp8_out=fp8_out, config=cfg)
+            nbytes = m * cin + cout * cin * k * k + m * cout * ((1 if fp8_out else 2) + (1 if res else 0))
+            out.append((f"{label} {cfg}", f"{_kernel_module('conv_bn_act')}:conv_bn_act_kernel",
+                        {key: spec[key] for key in ("signature", "constexprs", "attrs", "options")},
+                        nbytes, 2.0 * m * cin * k * k * cout))
+    return out
+
+
 def training_kernel_specs(dtype: torch.dtype, channels: int = 256) -> list[tuple[str, str, dict]]:
     """(label, "module:function", {"signature", "constexprs", "options"}) of each training kernel
     as its launcher calls it on a ResNet-50 stage-1 sized tensor (``channels`` wide), pointers in
