@@ -9,6 +9,10 @@
     rf_<backend>          resnet_fast.convert(model), set to that backend
     rf_<backend>_graph    the same through resnet_fast.CudaGraphRunner (warm-up, capture, and its
                           check for changed parameters on every call)
+    rf_<backend>_fp8[_graph]  the converted model quantized by resnet_fast.quantize_fp8 (calibrated
+                          on the ring's first batch: the speed figure; accuracy is the digits test's
+                          and the ImageNet script's), GPU only; judged by SQNR against the
+                          reference, not by the 16-bit tolerance (8 bits cannot meet it)
 
 Each variant builds its own model copy inside its measurement, so its peak memory (over the
 memory held before it started: inputs and the fp32 model) covers weights, activations,
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import time
 
 import torch
@@ -41,6 +46,9 @@ def names(cfg: Config) -> list[str]:
     out = ["eager_nchw", "eager_cl", "eager_folded", "eager_cl_graph", "compile"]
     for b in cfg.backends:
         out += [f"rf_{b}", f"rf_{b}_graph"]
+    for b in cfg.backends:
+        if b in ("triton", "cuda") and cfg.on_gpu and cfg.dtype == torch.bfloat16:
+            out += [f"rf_{b}_fp8", f"rf_{b}_fp8_graph"]
     return out + ["compile_max_autotune"]
 
 
@@ -84,6 +92,10 @@ def _build(cfg: Config, name: str, model32: torch.nn.Module, example: torch.Tens
         torch._dynamo.reset()
         mode = "max-autotune" if base == "compile_max_autotune" else None
         fn = torch.compile(cast(model32, dt, fmt), mode=mode)
+    elif base.startswith("rf_") and base.endswith("_fp8"):
+        import resnet_fast
+        fn = resnet_fast.convert(cast(model32, dt, fmt), backend=base[3:-4]).eval()
+        resnet_fast.quantize_fp8(fn, [example])
     elif base.startswith("rf_"):
         import resnet_fast
         fn = resnet_fast.convert(cast(model32, dt, fmt), backend=base[3:])
@@ -206,7 +218,11 @@ def run(cfg: Config, model32: torch.nn.Module, peaks: dict, flops_per_image: flo
         for r in rows:
             if "median_ms" in r:
                 r.update(metrics.derived(r["median_ms"], flops, nbytes, peaks, base.get("median_ms")))
-            if "rel_err" in r:
+            if "rel_err" in r and "_fp8" in r["variant"]:
+                e = r["rel_err"]
+                r["sqnr_db"] = -20 * math.log10(e) if e == e and e > 0 else (math.inf if e == 0 else float("nan"))
+                r["status"] = "fp8" if e == e else "NaN"
+            elif "rel_err" in r:
                 r["status"] = metrics.verdict(r["rel_err"], dt, base.get("rel_err"))
         out = {"variants": todo, "rows": rows, "ring": k, "flops_per_image": flops_per_image,
                "bytes_per_image": bytes_per_image, "section_s": time.perf_counter() - t_start}

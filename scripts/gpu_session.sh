@@ -19,6 +19,12 @@
 #                                      TrainingStep-graphed) into DIR (default
 #                                      benchmarks/results/dist19; ~8 minutes). One GPU: no
 #                                      multi-GPU figure can be taken there.
+#   scripts/gpu_session.sh fp8 [DIR]    fp8 inference (issue 20): the fp8 kernel and quantized
+#                                      ResNet-50 GPU tests (-s: bf16 vs fp8 graphed forward),
+#                                      then the report's e2e section for ResNet-50 batch 256 bf16
+#                                      with the rf_triton_fp8[_graph] variants beside bf16, eager
+#                                      and compile, into DIR (default benchmarks/results/fp8;
+#                                      ~8 minutes)
 # Wheels missing there (nvidia-cutlass, and setuptools>=77 for the editable install, since that
 # machine's own setuptools may be older) travel in .whl/ (see README, "On a lent GPU").
 set -uo pipefail
@@ -116,6 +122,16 @@ case "$what" in
       tests/test_train_graphs.py 2>&1 | tee -a "$OUT/dist_tests.log"
     timeout 300 python3 -m benchmarks.report --out "$dest" --sections train --budget-s 270 \
       --skip train_compile_max_autotune --backends triton 2>&1 | tee -a "$OUT/bench.log"
+    rc=${PIPESTATUS[0]}
+    cp -r "$dest/." "$OUT/$dest/"
+    exit "$rc" ;;
+  fp8)
+    dest=${1:-benchmarks/results/fp8}
+    mkdir -p "$dest" "$OUT/$dest"
+    timeout 200 python3 -m pytest -q -s -rs -p no:cacheprovider tests/gpu/test_fp8_gpu.py \
+      2>&1 | tee "$OUT/fp8_tests.log"
+    timeout 330 python3 -m benchmarks.report --out "$dest" --sections e2e --budget-s 300 \
+      --backends triton --skip compile_max_autotune 2>&1 | tee -a "$OUT/bench.log"
     rc=${PIPESTATUS[0]}
     cp -r "$dest/." "$OUT/$dest/"
     exit "$rc" ;;

@@ -45,6 +45,7 @@ group models_triton_fp32 "$M" -k "triton and float32" &
 group models_triton_graphs "$M" -k "triton and not float" &
 group models_preact "$M" -k "preactivation" &   # timm resnetv2_50 on triton, bf16 and fp16
 group round2 tests/gpu/test_round2_gpu.py tests/gpu/test_graphs_gpu.py &  # stem, pool, TMA, graphs
+group fp8 tests/gpu/test_fp8_gpu.py &               # e4m3 conv kernel, quantized ResNet-50
 wait
 
 {
@@ -58,7 +59,7 @@ wait
 } >"$OUT/sanitizer.log" 2>&1
 grep '^\[sanitizer' "$OUT/sanitizer.log" >>"$LOGS/summary"
 
-for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact round2 ops_autograd training train_graphs cuda models_cuda; do
+for f in triton models_triton_bf16 models_triton_fp16 models_triton_fp32 models_triton_graphs models_preact round2 fp8 ops_autograd training train_graphs cuda models_cuda; do
   echo "=================== $f"; cat "$LOGS/$f.log" 2>/dev/null
 done >"$OUT/gpu_tests.log"
 echo "=== summary"; cat "$LOGS/summary"
