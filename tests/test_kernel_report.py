@@ -256,8 +256,24 @@ def test_inference_kernels_other_than_the_conv_compile(tmp_path_factory):
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90a"}
     for r in rows:
         assert r.get("ok"), r
+        if "fallback" in r:
+            continue
         assert r["spill_bytes"] == 0 and r["estimate_us"] > 0, r
         if r["kernel"] == "gemm_bn_act_kernel" and r["arch"] == "sm_90a":
             assert r["tma_loads"] > 0 and any(k.startswith("HGMMA") for k in r["mma"]), r
     labels = {r["label"] for r in rows}
     assert any("max-pool" in x for x in labels) and any("stem input" in x for x in labels)
+
+
+def test_fp8_conv_compiles_to_e4m3_tensor_cores(tmp_path_factory):
+    """The fp8 conv (resnet_fast.fp8_ops) on sm_90a: QGMMA with E4M3 operands, no spills, an
+    estimate at the 8-bit rate; sm_80 (no fp8 tensor cores): one row saying it falls back."""
+    report = _subset_report(torch.bfloat16, ("sm_80", "sm_90a"), tmp_path_factory)
+    fp8 = [r for r in report["inference_kernels"] if r.get("dtype") == "fp8e4m3"]
+    hopper = [r for r in fp8 if r["arch"] == "sm_90a"]
+    assert len(hopper) >= 4
+    for r in hopper:
+        assert r["ok"] and r["spill_bytes"] == 0 and r["estimate_us"] > 0, r
+        assert any(k.startswith("QGMMA") and "E4M3.E4M3" in k for k in r["mma"]), r
+    ampere = [r for r in fp8 if r["arch"] == "sm_80"]
+    assert len(ampere) == 1 and "no fp8 tensor cores" in ampere[0]["fallback"]
