@@ -178,6 +178,8 @@ def test_bn_process_group_of_one_rank_normalizes_locally(ranks):
 
 def test_sync_batchnorm_on_the_triton_kernels(ranks):
     for r, res in enumerate(_scenario(ranks, "triton")):
+        if "skip" in res:
+            pytest.skip(res["skip"])
         assert all(res["fused"]), res["fused"]
         ref64, ref32, ours = res["loss"]
         _close(ours.reshape(1), ref32.reshape(1), ref64.reshape(1), f"rank {r} loss")
