@@ -166,6 +166,19 @@ def _load_fp8_exact(ptr, offs, mask):
 
 
 @triton.jit
+def _load_tiles(x_ptr, a_offs, a_ok, w_ptr, b_offs, b_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr,
+                HAS_PRE: tl.constexpr, PADDED: tl.constexpr, EXACT_FP8: tl.constexpr):
+    # One K step's input tile (with the prologue applied) and weight tile, as the gather and the
+    # (tap, channel block) loops address them
+    if EXACT_FP8:
+        return _load_fp8_exact(x_ptr, a_offs, a_ok), _load_fp8_exact(w_ptr, b_offs, b_ok)
+    a = tl.load(x_ptr + a_offs, mask=a_ok, other=0.0)
+    if HAS_PRE:
+        a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PADDED)
+    return a, tl.load(w_ptr + b_offs, mask=b_ok, other=0.0)
+
+
+@triton.jit
 def _round_to_e4m3(v):
     # v rounded to the nearest e4m3 value (ties to even), still fp32, so the cast is exact
     bits = v.to(tl.int32, bitcast=True)
@@ -271,16 +284,9 @@ def conv_bn_act_kernel(
             iw = iw0[:, None] + (tap % KW * DIL_W)[None, :]
             a_ok = (m_ok[:, None] & k_ok[None, :]
                     & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a_offs = ((img[:, None] * H + ih) * W + iw) * Cin + c[None, :]
-            b_offs = w_rows[None, :] + k[:, None]
-            if EXACT_FP8:
-                a = _load_fp8_exact(x_ptr, a_offs, a_ok)
-                b = _load_fp8_exact(w_ptr, b_offs, k_ok[:, None] & n_ok[None, :])
-            else:
-                a = tl.load(x_ptr + a_offs, mask=a_ok, other=0.0)
-                if HAS_PRE:
-                    a = _pre_activation(a, a_ok, c, k_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
-                b = tl.load(w_ptr + b_offs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a, b = _load_tiles(x_ptr, ((img[:, None] * H + ih) * W + iw) * Cin + c[None, :], a_ok,
+                               w_ptr, w_rows[None, :] + k[:, None], k_ok[:, None] & n_ok[None, :],
+                               c, k_ok, pre_scale_ptr, pre_bias_ptr, HAS_PRE, PAD_H + PAD_W > 0, EXACT_FP8)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     else:
         # One loop over (tap, channel block) pairs (see the module doc), tracked by two
@@ -298,16 +304,9 @@ def conv_bn_act_kernel(
             c = c0 + offs_k
             c_ok = c < Cin
             a_ok = row_ok[:, None] & c_ok[None, :]
-            a_offs = (x_rows + (dh * W + dw) * Cin)[:, None] + c[None, :]
-            b_offs = w_rows[None, :] + (tap * Cin + c)[:, None]
-            if EXACT_FP8:
-                a = _load_fp8_exact(x_ptr, a_offs, a_ok)
-                b = _load_fp8_exact(w_ptr, b_offs, c_ok[:, None] & n_ok[None, :])
-            else:
-                a = tl.load(x_ptr + a_offs, mask=a_ok, other=0.0)
-                if HAS_PRE:
-                    a = _pre_activation(a, a_ok, c, c_ok, pre_scale_ptr, pre_bias_ptr, PAD_H + PAD_W > 0)
-                b = tl.load(w_ptr + b_offs, mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            a, b = _load_tiles(x_ptr, (x_rows + (dh * W + dw) * Cin)[:, None] + c[None, :], a_ok,
+                               w_ptr, w_rows[None, :] + (tap * Cin + c)[:, None], c_ok[:, None] & n_ok[None, :],
+                               c, c_ok, pre_scale_ptr, pre_bias_ptr, HAS_PRE, PAD_H + PAD_W > 0, EXACT_FP8)
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
             # Next channel block, or the next tap's first. Branch-free: an `if` here stops the
             # compiler from software-pipelining the loop. A 1x1 conv keeps tap = 0, so its row
