@@ -263,12 +263,12 @@ def fold_fp8(conv, bn, pre_bn, dtype, backend):
     if pre_bn is not None:
         raise ValueError("fp8 convs take no pre-activation prologue")
     w, b = fold_conv_bn(conv, bn, torch.float32)
-    with torch.no_grad():
-        scales = weight_scales(w)
-        wq = quantize_weight(w, scales).contiguous(memory_format=torch.channels_last)
-    return wq, b.detach().float().contiguous(), scales.contiguous(), None
+    scales = weight_scales(w)
+    wq = quantize_weight(w, scales).contiguous(memory_format=torch.channels_last)
+    return wq, b.float().contiguous(), scales.contiguous(), None
 
 
+@torch.no_grad()
 def _fold(conv, bn, pre_bn, dtype, backend):
     w, b = fold_conv_bn(conv, bn, dtype)
     w = pack_folded(backend, w, conv.groups, pre_bn is not None)
