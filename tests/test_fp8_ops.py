@@ -68,6 +68,26 @@ def test_kernel_matches_reference_fp32_out(shape, residual):
     assert err < 1e-6, err
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, E4M3])
+def test_kernel_writes_every_output_element(out_dtype):
+    """Outputs poisoned with NaN first: every element the kernel owns is written (odd sizes:
+    7x5 pixels, 24 channels, neither a tile multiple)."""
+    _interpreter()
+    from resnet_fast.kernels import conv_bn_act as kernels
+    xq, wq, bias, ws, xs, res, rs = _case(2, 32, 7, 5, 24, 3, 1, 1, True, True, seed=3)
+    os_ = torch.tensor([0.05]) if out_dtype == E4M3 else None
+    out = torch.full((2, 24, 7, 5), float("nan")).to(out_dtype).contiguous(memory_format=CL)
+    y = kernels.conv_bn_act_fp8(xq, wq, bias, ws, xs, [1, 1], [1, 1], [1, 1], res, rs, True, os_,
+                                torch.float32, out=out)
+    assert y is out and not torch.isnan(y.float()).any()
+    ref = conv_bn_act_fp8_reference(xq, wq, bias, ws, xs, [1, 1], [1, 1], [1, 1], 1, res, rs, True, os_,
+                                    torch.float32).float()
+    if out_dtype == torch.float32:
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-6
+    else:
+        assert (y.float() == ref).float().mean() > 0.97
+
+
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 def test_kernel_fp8_out_within_one_step(shape):
     _interpreter()
